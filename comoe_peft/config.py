@@ -1,0 +1,198 @@
+"""`CoMoEConfig`: the configuration of a CoMoE adapter (routed LoRA experts plus the contrastive loss)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .peft_type import COMOE
+
+ANCHOR_RULES = ("random", "all")
+BIAS_OPTIONS = ("none", "all", "comoe_only")
+
+
+@dataclass
+class CoMoEConfig(PeftConfig):
+    """Configuration of a CoMoE adapter.
+
+    Every targeted linear layer gets `num_experts` LoRA experts of rank `r` and a per-token router that activates
+    the `top_k` most probable experts. While training, the contrastive loss of the CoMoE paper (Feng et al.,
+    EMNLP 2025 Findings) pulls the outputs of the activated experts of a token together and pushes them away from
+    the inactivated ones; `contrastive_loss_coef` weighs it against the task loss.
+
+    The fields that share a name with `peft.LoraConfig` (`r`, `lora_alpha`, `lora_dropout`, `target_modules`, ...)
+    mean the same thing. Invalid values raise a `ValueError` that names the field.
+
+    Example:
+        ```python
+        from peft import get_peft_model
+        from comoe_peft import CoMoEConfig
+
+        config = CoMoEConfig(r=8, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(base_model, config)
+        ```
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of every LoRA expert."})
+    lora_alpha: float = field(
+        default=16, metadata={"help": "LoRA scaling numerator: expert outputs are scaled by lora_alpha / r."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input (not the router's)."})
+    num_experts: int = field(default=4, metadata={"help": "Number of LoRA experts per adapted layer (N)."})
+    top_k: int = field(default=2, metadata={"help": "Number of experts each token activates (k)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffix match) or a regex (full match) to adapt, or 'all-linear' for every linear "
+            "layer except the output head. If None, the default of the model architecture is used (as in LoRA)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex that must not be adapted."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Adapt only these layer indices (as in LoRA)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the layer list (e.g. 'layers' or 'h'), used with layers_to_transform."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules that are fully trained and saved with the adapter."}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "Token indices whose embeddings are trained (peft's trainable tokens)."}
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "True if the base layer stores its weight as (in, out), like GPT-2's Conv1D; set for you."},
+    )
+    bias: Literal["none", "all", "comoe_only"] = field(
+        default="none", metadata={"help": "Which biases to train: 'none', 'all', or 'comoe_only' (adapted layers)."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: experts' B start at zero, so the adapter starts as the identity (recommended). "
+            "False: B is random too (for tests)."
+        },
+    )
+    router_init_std: float = field(default=0.02, metadata={"help": "Std of the router's normal initialisation."})
+    router_jitter_noise: float = field(
+        default=0.0,
+        metadata={"help": "Multiplicative uniform noise on the router input while training (as in Mixtral); 0 = off."},
+    )
+    contrastive_loss_coef: float = field(
+        default=0.01, metadata={"help": "Weight lambda of the contrastive loss (the paper's best: 0.01); 0 = off."}
+    )
+    contrastive_temperature: float = field(
+        default=0.1, metadata={"help": "Temperature tau of the contrastive logits (cosine / tau)."}
+    )
+    num_negatives: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Inactive experts sampled per token as negatives; None = all N - k inactive experts. Sampled "
+            "negatives are reweighted so the denominator stays unbiased."
+        },
+    )
+    anchor: Literal["random", "all"] = field(
+        default="random",
+        metadata={
+            "help": "'random': one random activated expert per token is the anchor (the paper's Algorithm 1); "
+            "'all': every activated expert is an anchor in turn (the paper's Eq. 12)."
+        },
+    )
+    contrastive_layers: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Layer indices that compute the contrastive loss (experts stay everywhere); None = all."},
+    )
+    router_aux_loss_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the Switch-Transformer load-balancing loss; 0 = off (the paper)."}
+    )
+    router_z_loss_coef: float = field(default=0.0, metadata={"help": "Weight of the router z-loss; 0 = off."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = COMOE
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple, set)):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.contrastive_layers is not None:
+            self.contrastive_layers = sorted({int(i) for i in self.contrastive_layers})
+        self._validate()
+
+    @property
+    def uses_contrastive_loss(self) -> bool:
+        """Whether the contrastive term is computed while training."""
+        return self.contrastive_loss_coef > 0
+
+    def _validate(self) -> None:
+        _require(isinstance(self.r, int) and self.r > 0, "r", f"must be a positive integer, got {self.r!r}")
+        _require(self.lora_alpha > 0, "lora_alpha", f"must be positive, got {self.lora_alpha!r}")
+        _require(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        _require(
+            isinstance(self.num_experts, int) and self.num_experts >= 2,
+            "num_experts",
+            f"must be an integer >= 2 (a single expert is plain LoRA), got {self.num_experts!r}",
+        )
+        _require(
+            isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
+            "top_k",
+            f"must be an integer in [1, num_experts={self.num_experts}], got {self.top_k!r}",
+        )
+        _require(self.bias in BIAS_OPTIONS, "bias", f"must be one of {BIAS_OPTIONS}, got {self.bias!r}")
+        _require(self.anchor in ANCHOR_RULES, "anchor", f"must be one of {ANCHOR_RULES}, got {self.anchor!r}")
+        _require(self.router_init_std > 0, "router_init_std", f"must be positive, got {self.router_init_std!r}")
+        _require(
+            0 <= self.router_jitter_noise < 1,
+            "router_jitter_noise",
+            f"must be in [0, 1), got {self.router_jitter_noise!r}",
+        )
+        for name in ("contrastive_loss_coef", "router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            _require(value >= 0, name, f"must be >= 0 (0 turns the loss off), got {value!r}")
+        _require(
+            self.contrastive_temperature > 0,
+            "contrastive_temperature",
+            f"must be positive, got {self.contrastive_temperature!r}",
+        )
+        if self.uses_contrastive_loss:
+            self._validate_contrastive_routing()
+        if self.contrastive_layers is not None:
+            _require(
+                all(i >= 0 for i in self.contrastive_layers),
+                "contrastive_layers",
+                f"must be non-negative layer indices, got {self.contrastive_layers!r}",
+            )
+
+    def _validate_contrastive_routing(self) -> None:
+        _require(
+            self.top_k >= 2,
+            "top_k",
+            f"must be >= 2 while contrastive_loss_coef > 0: the anchor needs another activated expert as its "
+            f"positive (got top_k={self.top_k}); set contrastive_loss_coef=0 for top-1 routing",
+        )
+        _require(
+            self.top_k < self.num_experts,
+            "top_k",
+            f"must be < num_experts while contrastive_loss_coef > 0: an inactive expert is needed as a negative "
+            f"(got top_k={self.top_k}, num_experts={self.num_experts})",
+        )
+        max_negatives = self.num_experts - self.top_k
+        _require(
+            self.num_negatives is None
+            or (isinstance(self.num_negatives, int) and 1 <= self.num_negatives <= max_negatives),
+            "num_negatives",
+            f"must be None (all inactive experts) or an integer in [1, num_experts - top_k = {max_negatives}], "
+            f"got {self.num_negatives!r}",
+        )
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"CoMoEConfig.{field_name} {message}.")

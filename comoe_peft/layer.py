@@ -1,0 +1,320 @@
+"""The CoMoE layer: a frozen linear layer plus N routed LoRA experts, computed without per-expert loops.
+
+Follow one token x (d_in) through `Linear._add_experts`:
+
+    x -> one fused down-projection [A_1; ...; A_N; W_g] x     -> h (N, r) and router logits (N)
+      -> p = softmax(logits) in float32, top-k, renormalise   -> dense gates g (N), zero off the top-k
+      -> gated rank activations g_j * h_j                     -> (N*r)
+      -> one up-projection [B_1 ... B_N], scaled by alpha / r -> added to the frozen output W0 x
+
+While training, the layer also records, for the last forward, the contrastive loss (from h and the Gram matrix of
+the stacked B, see `losses.py`), the load-balancing and z losses, and routing statistics. Nothing d_out-wide per
+expert is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+
+from .losses import contrastive_loss, load_balancing_loss, masked_mean, router_z_loss, sample_contrastive_indices
+
+
+@dataclass(frozen=True)
+class ExpertSettings:
+    """Per-adapter settings of one CoMoE layer (derived from `CoMoEConfig` and the layer's position)."""
+
+    num_experts: int
+    top_k: int
+    router_jitter_noise: float
+    contrastive: bool
+    contrastive_temperature: float
+    num_negatives: Optional[int]
+    anchor: str
+
+
+@dataclass
+class RoutingStats:
+    """Routing statistics of one adapted layer for the last forward (detached tensors, padding excluded).
+
+    Attributes:
+        expert_load: (N,) share of the valid tokens' top-k slots that went to each expert (sums to 1).
+        routing_entropy: mean entropy (nats) of the tokens' routing distributions.
+        num_tokens: number of valid tokens.
+    """
+
+    expert_load: torch.Tensor
+    routing_entropy: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+class ForwardContext:
+    """State shared by a CoMoE model and its layers for the current forward: the attention mask and a counter.
+
+    The tuner's forward pre-hook updates it once per model call; layers read the mask to leave padding out of the
+    losses and statistics, and tag what they record with `forward_id`, so values from earlier calls never mix in.
+    Gradient-checkpointing recomputation re-runs a layer under the same `forward_id` and overwrites its slot, so
+    nothing is counted twice.
+    """
+
+    def __init__(self) -> None:
+        self.attention_mask: Optional[torch.Tensor] = None
+        self.forward_id: int = 0
+
+    def token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The (T,) mask of valid tokens for an input x of shape (batch, seq, d), or None if it does not apply."""
+        mask = self.attention_mask
+        if mask is None or x.dim() != 3 or mask.dim() != 2:
+            return None
+        batch, seq = x.shape[0], x.shape[1]
+        if mask.shape[0] != batch or mask.shape[1] < seq:
+            return None
+        return mask[:, -seq:].reshape(-1).to(device=x.device)  # (T,), generation with a cache: the newest positions
+
+
+class CoMoELayer(BaseTunerLayer):
+    """peft tuner-layer mixin holding every adapter's experts and router, keyed by adapter name."""
+
+    adapter_layer_names: tuple[str, ...] = ("comoe_A", "comoe_B", "comoe_router")
+    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "comoe_dropout", "comoe_settings")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.comoe_settings: dict[str, ExpertSettings] = {}
+        self.comoe_dropout = nn.ModuleDict({})
+        self.comoe_A = nn.ParameterDict({})  # (N*r, d_in): the experts' down-projections, stacked
+        self.comoe_B = nn.ParameterDict({})  # (d_out, N*r): the experts' up-projections, side by side
+        self.comoe_router = nn.ParameterDict({})  # (N, d_in): the router, bias-free
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.cast_input_dtype_enabled = True
+        self.forward_context: Optional[ForwardContext] = None
+        self._recorded: dict[str, tuple[int, dict[str, torch.Tensor], RoutingStats]] = {}
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kwargs = kwargs
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        settings: ExpertSettings,
+        init_weights: bool = True,
+        router_init_std: float = 0.02,
+    ) -> None:
+        """Create (or replace) the experts and router of `adapter_name` on this layer."""
+        num_experts = settings.num_experts
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / r
+        self.comoe_settings[adapter_name] = settings
+        self.comoe_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.comoe_A[adapter_name] = nn.Parameter(torch.empty(num_experts * r, self.in_features))
+        self.comoe_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, num_experts * r))
+        self.comoe_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
+        self.reset_parameters(adapter_name, init_weights, router_init_std)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, init_weights: bool = True, router_init_std: float = 0.02) -> None:
+        """A like LoRA (Kaiming-uniform per expert), B = 0 (or random if `init_weights` is False), router N(0, std)."""
+        if adapter_name not in self.comoe_A or self.comoe_A[adapter_name].is_meta:
+            return
+        r = self.r[adapter_name]
+        down = self.comoe_A[adapter_name]
+        for expert_rows in down.split(r, dim=0):  # same fan-in bound as one LoRA A of rank r
+            nn.init.kaiming_uniform_(expert_rows, a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.comoe_B[adapter_name])
+        else:
+            nn.init.normal_(self.comoe_B[adapter_name], std=1.0 / math.sqrt(r))
+        nn.init.normal_(self.comoe_router[adapter_name], std=router_init_std)
+
+    # ------------------------------------------------------------------ merging is impossible
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise_merge_error()
+
+    def unmerge(self) -> None:
+        """Nothing to undo: CoMoE adapters are never merged."""
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise_merge_error()
+
+    # ------------------------------------------------------------------ recorded losses and statistics
+
+    def recorded_aux_losses(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The auxiliary losses this layer recorded for `adapter_name` in the current forward ({} if none)."""
+        entry = self._current_entry(adapter_name)
+        return entry[1] if entry is not None else {}
+
+    def recorded_routing_stats(self, adapter_name: str) -> Optional[RoutingStats]:
+        """The routing statistics recorded for `adapter_name` in the current forward, or None."""
+        entry = self._current_entry(adapter_name)
+        return entry[2] if entry is not None else None
+
+    def _current_entry(self, adapter_name: str):
+        entry = self._recorded.get(adapter_name)
+        if entry is None:
+            return None
+        current = self.forward_context.forward_id if self.forward_context is not None else 0
+        return entry if entry[0] == current else None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._recorded.pop(adapter_name, None)
+
+
+class Linear(nn.Module, CoMoELayer):
+    """CoMoE experts on a `torch.nn.Linear` or a transformers `Conv1D` (GPT-2's transposed linear layer)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        settings: ExpertSettings,
+        init_weights: bool = True,
+        router_init_std: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        CoMoELayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, settings, init_weights, router_init_std)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.pop("adapter_names", None) is not None:
+            raise ValueError("CoMoE does not support mixed-adapter batches (`adapter_names`); use set_adapter.")
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for adapter_name in self.active_adapters:
+            if adapter_name in self.comoe_A:
+                result = self._add_experts(x, result, adapter_name)
+        return result
+
+    def _add_experts(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        settings = self.comoe_settings[adapter_name]
+        num_experts, rank = settings.num_experts, self.r[adapter_name]
+        down = self.comoe_A[adapter_name]  # (N*r, d_in)
+        up = self.comoe_B[adapter_name]  # (d_out, N*r)
+        router = self.comoe_router[adapter_name]  # (N, d_in)
+        tokens = self._cast_input_dtype(x, down.dtype).reshape(-1, self.in_features)  # (T, d_in)
+
+        h, router_logits = self._down_project(tokens, down, router, adapter_name)  # (T, N*r), (T, N) float32
+        probs, topk_idx, gates = route(router_logits, settings.top_k)  # (T, N), (T, k), (T, N)
+        gated = (h.view(-1, num_experts, rank) * gates.to(h.dtype).unsqueeze(-1)).view_as(h)  # (T, N*r)
+
+        out_2d = result.reshape(-1, self.out_features)  # (T, d_out)
+        if out_2d.dtype == gated.dtype:
+            out_2d = torch.addmm(out_2d, gated, up.t(), alpha=self.scaling[adapter_name])  # W0 x + s * B g h
+        else:
+            out_2d = out_2d + (gated @ up.t() * self.scaling[adapter_name]).to(out_2d.dtype)
+        self._record(adapter_name, settings, h, up, router_logits, probs, topk_idx, x)
+        return out_2d.view(result.shape)
+
+    def _down_project(
+        self, tokens: torch.Tensor, down: torch.Tensor, router: torch.Tensor, adapter_name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-space activations of every expert (T, N*r) and float32 router logits (T, N)."""
+        dropout = self.comoe_dropout[adapter_name]
+        jitter = self.comoe_settings[adapter_name].router_jitter_noise if self.training else 0.0
+        dropout_active = self.training and isinstance(dropout, nn.Dropout)
+        if not dropout_active and jitter == 0.0 and down.dtype == router_dtype(down.dtype):
+            fused = tokens @ torch.cat([down, router]).t()  # (T, N*r + N): one pass over x
+            return fused[:, : down.shape[0]], fused[:, down.shape[0] :]
+        h = dropout(tokens) @ down.t()  # (T, N*r)
+        router_input = tokens.to(router_dtype(tokens.dtype))
+        if jitter > 0:
+            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
+        return h, F.linear(router_input, router.to(router_input.dtype))  # router in float32 (or float64)
+
+    def _record(
+        self,
+        adapter_name: str,
+        settings: ExpertSettings,
+        h: torch.Tensor,
+        up: torch.Tensor,
+        router_logits: torch.Tensor,
+        probs: torch.Tensor,
+        topk_idx: torch.Tensor,
+        x: torch.Tensor,
+    ) -> None:
+        context = self.forward_context
+        token_mask = context.token_mask(x) if context is not None else None
+        losses: dict[str, torch.Tensor] = {}
+        if self.training:
+            losses["balance"] = load_balancing_loss(router_logits, settings.top_k, token_mask)
+            losses["z"] = router_z_loss(router_logits, token_mask)
+            if settings.contrastive:
+                indices = sample_contrastive_indices(
+                    topk_idx, settings.num_experts, settings.anchor, settings.num_negatives
+                )
+                expert_gram = up.t() @ up  # (N*r, N*r) = B_cat^T B_cat
+                h_experts = h.view(-1, settings.num_experts, self.r[adapter_name])  # (T, N, r)
+                losses["contrastive"] = contrastive_loss(
+                    h_experts, expert_gram, indices, settings.contrastive_temperature, token_mask
+                )
+        stats = routing_stats(probs.detach(), topk_idx, token_mask)
+        forward_id = context.forward_id if context is not None else 0
+        self._recorded[adapter_name] = (forward_id, losses, stats)
+
+    def __repr__(self) -> str:
+        return "comoe." + super().__repr__()
+
+
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The router computes in float32, or float64 when everything is float64 (e.g. gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing in float32.
+
+    Returns the probabilities (T, N), the activated experts (T, k) and the dense gate matrix (T, N): the top-k
+    probabilities renormalised to sum to 1, zero elsewhere. With k = 1 the raw probability is kept (as in the
+    Switch Transformer), since a renormalised single gate is constantly 1 and the router would never learn.
+    """
+    probs = router_logits.to(router_dtype(router_logits.dtype)).softmax(dim=-1)  # (T, N)
+    topk_probs, topk_idx = probs.topk(top_k, dim=-1)  # (T, k)
+    if top_k > 1:
+        topk_probs = topk_probs / topk_probs.sum(dim=-1, keepdim=True)
+    gates = torch.zeros_like(probs).scatter(1, topk_idx, topk_probs)  # (T, N)
+    return probs, topk_idx, gates
+
+
+@torch.no_grad()
+def routing_stats(probs: torch.Tensor, topk_idx: torch.Tensor, token_mask: Optional[torch.Tensor]) -> RoutingStats:
+    """Expert load and routing entropy over the valid tokens (no host synchronisation)."""
+    num_tokens, num_experts = probs.shape
+    weights = torch.ones(num_tokens, device=probs.device) if token_mask is None else token_mask.float()
+    slot_weights = weights.unsqueeze(1).expand_as(topk_idx).reshape(-1)  # (T*k,)
+    load = torch.zeros(num_experts, device=probs.device).scatter_add_(0, topk_idx.reshape(-1), slot_weights)
+    load = load / load.sum().clamp_min(1e-9)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)  # (T,)
+    return RoutingStats(load, masked_mean(entropy, weights), weights.sum())
+
+
+def raise_merge_error() -> None:
+    """CoMoE adapters cannot be merged into the base weight; raise an error that says why and what to do."""
+    raise NotImplementedError(
+        "CoMoE adapters cannot be merged into the base weights: the experts are chosen per token by the router, so "
+        "no single weight matrix equals the adapted layer. Keep the adapter unmerged (inference stays sparse and "
+        "costs about as much as LoRA at rank top_k * r), or use `unload()` to get the base model back without it."
+    )

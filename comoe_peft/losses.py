@@ -1,0 +1,206 @@
+"""CoMoE's auxiliary losses as pure functions of rank-space tensors.
+
+Shapes used throughout: T tokens (batch and sequence flattened), N experts, k activated experts per token,
+r the LoRA rank, A anchors per token (1 for the paper's Algorithm 1, k for its Eq. 12), P = k - 1 positives per
+anchor, M negatives per token.
+
+The contrastive loss never builds the d_out-wide expert outputs o_j = B_j h_j. With h_j = A_j x the rank-space
+activation of expert j, every inner product between two expert outputs is
+
+    <o_i, o_j> = h_i^T (B_i^T B_j) h_j,
+
+so the small Gram matrix G = B_cat^T B_cat ((N*r) x (N*r), B_cat = [B_1 ... B_N]) and h give every cosine exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+CONTRASTIVE_EPS = 1e-3  # the epsilon of the paper's Algorithm 1, added to the softmax denominator
+NORM_EPS = 1e-8  # expert outputs are exactly zero at initialisation; norms are clamped to this
+
+
+@dataclass
+class ContrastiveIndices:
+    """Which experts each token contrasts: anchors, positives (other activated experts) and negatives.
+
+    Attributes:
+        anchor_idx: (T, A) expert index of each anchor.
+        positive_idx: (T, A, P) the activated experts other than the anchor, P = k - 1.
+        negative_idx: (T, M) inactive experts used as negatives.
+        negative_log_weight: log of the weight of each negative in the denominator: log((N - k) / M) when M of
+            the N - k inactive experts were sampled (keeps the denominator unbiased), else 0.
+        all_negatives: True when `negative_idx` holds every inactive expert.
+    """
+
+    anchor_idx: torch.Tensor
+    positive_idx: torch.Tensor
+    negative_idx: torch.Tensor
+    negative_log_weight: float
+    all_negatives: bool
+
+
+def sample_contrastive_indices(
+    topk_idx: torch.Tensor,
+    num_experts: int,
+    anchor: Literal["random", "all"] = "random",
+    num_negatives: Optional[int] = None,
+) -> ContrastiveIndices:
+    """Draw the anchors and negatives of every token from its activated experts `topk_idx` (T, k).
+
+    `anchor="random"` picks one activated expert per token uniformly (Algorithm 1); `"all"` makes every activated
+    expert an anchor (Eq. 12). `num_negatives=None` uses every inactive expert; an integer m draws m of them
+    uniformly without replacement, per token. Everything stays on the tensors' device (no host synchronisation).
+    """
+    num_tokens, top_k = topk_idx.shape
+    device = topk_idx.device
+    if anchor == "random":
+        anchor_slots = torch.randint(0, top_k, (num_tokens, 1), device=device)  # (T, 1)
+    else:
+        anchor_slots = torch.arange(top_k, device=device).expand(num_tokens, top_k)  # (T, k)
+    offsets = torch.arange(1, top_k, device=device)  # (P,)
+    positive_slots = (anchor_slots.unsqueeze(-1) + offsets) % top_k  # (T, A, P)
+    anchor_idx = topk_idx.gather(1, anchor_slots)  # (T, A)
+    positive_idx = topk_idx.gather(1, positive_slots.flatten(1)).view(positive_slots.shape)  # (T, A, P)
+
+    activated = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=device)
+    activated.scatter_(1, topk_idx, True)  # (T, N)
+    num_inactive = num_experts - top_k
+    if num_negatives is None or num_negatives >= num_inactive:
+        # stable sort puts the inactive experts (False) first, in index order
+        negative_idx = torch.argsort(activated.to(torch.int8), dim=1, stable=True)[:, :num_inactive]  # (T, N-k)
+        return ContrastiveIndices(anchor_idx, positive_idx, negative_idx, 0.0, all_negatives=True)
+    scores = torch.rand(num_tokens, num_experts, device=device).masked_fill(activated, 2.0)  # (T, N)
+    negative_idx = scores.topk(num_negatives, dim=1, largest=False).indices  # (T, m): m random inactive experts
+    log_weight = math.log(num_inactive / num_negatives)
+    return ContrastiveIndices(anchor_idx, positive_idx, negative_idx, log_weight, all_negatives=False)
+
+
+def _expert_gram_blocks(expert_gram: torch.Tensor, num_experts: int) -> torch.Tensor:
+    rank = expert_gram.shape[0] // num_experts
+    return expert_gram.view(num_experts, rank, num_experts, rank).permute(0, 2, 1, 3)  # (N, N, r, r) = B_i^T B_j
+
+
+def _squared_norms(h: torch.Tensor, gram_blocks: torch.Tensor) -> torch.Tensor:
+    """||B_j h_j||^2 for every token and expert: (T, N)."""
+    diagonal = torch.diagonal(gram_blocks, dim1=0, dim2=1).permute(2, 0, 1)  # (N, r, r) = B_j^T B_j
+    return torch.einsum("tnr,nrs,tns->tn", h, diagonal, h)
+
+
+def _anchor_dots_dense(h: torch.Tensor, expert_gram: torch.Tensor, anchor_idx: torch.Tensor) -> torch.Tensor:
+    """<o_anchor, o_j> for every anchor and every expert j with one GEMM against the Gram matrix: (T, A, N)."""
+    num_tokens, num_experts, rank = h.shape
+    anchor_mask = torch.nn.functional.one_hot(anchor_idx, num_experts).to(h.dtype)  # (T, A, N)
+    anchor_only = h.unsqueeze(1) * anchor_mask.unsqueeze(-1)  # (T, A, N, r): h_a in its block, zeros elsewhere
+    projected = anchor_only.flatten(2) @ expert_gram  # (T, A, N*r): h_a^T B_a^T B_cat
+    return (projected.view(num_tokens, -1, num_experts, rank) * h.unsqueeze(1)).sum(-1)  # (T, A, N)
+
+
+def _anchor_dots_gathered(
+    h: torch.Tensor, gram_blocks: torch.Tensor, anchor_idx: torch.Tensor, candidate_idx: torch.Tensor
+) -> torch.Tensor:
+    """<o_anchor, o_c> for the given candidates only (T, A, S), touching only their Gram blocks."""
+    num_tokens, num_anchors, num_candidates = candidate_idx.shape
+    token = torch.arange(num_tokens, device=h.device)
+    h_anchor = h[token.unsqueeze(1), anchor_idx]  # (T, A, r)
+    h_candidate = h[token.view(-1, 1, 1), candidate_idx]  # (T, A, S, r)
+    blocks = gram_blocks[anchor_idx.unsqueeze(-1), candidate_idx]  # (T, A, S, r, r)
+    return torch.einsum("tar,tasrq,tasq->tas", h_anchor, blocks, h_candidate)
+
+
+def contrastive_logits(
+    h: torch.Tensor, expert_gram: torch.Tensor, indices: ContrastiveIndices, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine logits between each anchor and its positives (T, A, P) and negatives (T, A, M), divided by tau.
+
+    The log-weight of sampled negatives is already added to the negative logits. Computed in float32.
+    """
+    h = h.float()
+    expert_gram = expert_gram.float()
+    num_tokens, num_experts, _ = h.shape
+    gram_blocks = _expert_gram_blocks(expert_gram, num_experts)
+    num_anchors = indices.anchor_idx.shape[1]
+    negatives = indices.negative_idx.unsqueeze(1).expand(num_tokens, num_anchors, -1)  # (T, A, M)
+    candidates = torch.cat([indices.positive_idx, negatives], dim=-1)  # (T, A, S), S = P + M
+    token = torch.arange(num_tokens, device=h.device)
+    if indices.all_negatives:
+        dots_all = _anchor_dots_dense(h, expert_gram, indices.anchor_idx)  # (T, A, N)
+        dots = dots_all.gather(2, candidates)  # (T, A, S)
+        norms_all = _squared_norms(h, gram_blocks).clamp_min(NORM_EPS**2).sqrt()  # (T, N)
+        anchor_norm = norms_all.gather(1, indices.anchor_idx)  # (T, A)
+        candidate_norm = norms_all[token.view(-1, 1, 1), candidates]  # (T, A, S)
+    else:
+        dots = _anchor_dots_gathered(h, gram_blocks, indices.anchor_idx, candidates)  # (T, A, S)
+        involved = torch.cat([indices.anchor_idx.unsqueeze(-1), candidates], dim=-1)  # (T, A, 1 + S)
+        h_involved = h[token.view(-1, 1, 1), involved]  # (T, A, 1 + S, r)
+        diagonal = gram_blocks[involved, involved]  # (T, A, 1 + S, r, r)
+        squared = torch.einsum("tasr,tasrq,tasq->tas", h_involved, diagonal, h_involved)
+        norms = squared.clamp_min(NORM_EPS**2).sqrt()  # (T, A, 1 + S)
+        anchor_norm, candidate_norm = norms[..., 0], norms[..., 1:]
+    logits = dots / (anchor_norm.unsqueeze(-1) * candidate_norm) / temperature  # (T, A, S)
+    num_positives = indices.positive_idx.shape[-1]
+    positive_logits = logits[..., :num_positives]
+    negative_logits = logits[..., num_positives:] + indices.negative_log_weight
+    return positive_logits, negative_logits
+
+
+def contrastive_loss(
+    h: torch.Tensor,
+    expert_gram: torch.Tensor,
+    indices: ContrastiveIndices,
+    temperature: float,
+    token_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """CoMoE's contrastive loss (Algorithm 1 of the paper), averaged over the valid tokens.
+
+    Per anchor: l = -log( sum_pos exp(s) / (sum_{pos and neg} exp(s) + eps) ), eps = 1e-3, with s the cosine
+    between expert outputs over `temperature`. With several anchors per token (Eq. 12) the anchors' terms are summed.
+
+    Args:
+        h: (T, N, r) rank-space activations A_j x of every expert, inactive ones included.
+        expert_gram: (N*r, N*r) Gram matrix B_cat^T B_cat of the stacked up-projections.
+        indices: anchors, positives and negatives from `sample_contrastive_indices`.
+        temperature: tau > 0.
+        token_mask: (T,) 1 for tokens that count, 0 for padding; None = all count.
+
+    Returns:
+        A float32 scalar. Finite when every expert output is zero (B = 0 at initialisation).
+    """
+    positive_logits, negative_logits = contrastive_logits(h, expert_gram, indices, temperature)
+    all_logits = torch.cat([positive_logits, negative_logits], dim=-1)  # (T, A, S)
+    log_denominator = torch.logaddexp(
+        torch.logsumexp(all_logits, dim=-1), torch.tensor(math.log(CONTRASTIVE_EPS), device=h.device)
+    )  # (T, A)
+    per_token = (log_denominator - torch.logsumexp(positive_logits, dim=-1)).sum(dim=-1)  # (T,)
+    return masked_mean(per_token, token_mask)
+
+
+def load_balancing_loss(
+    router_logits: torch.Tensor, top_k: int, token_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss of one adapted layer, via transformers' Mixtral implementation.
+
+    `router_logits` is (T, N); padding tokens (token_mask == 0) are left out. Equals top_k under uniform routing.
+    """
+    num_experts = router_logits.shape[-1]
+    return load_balancing_loss_func((router_logits.float(),), num_experts, top_k, attention_mask=token_mask)
+
+
+def router_z_loss(router_logits: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over valid tokens of logsumexp(router_logits)^2 (the formula of transformers'
+    `router_z_loss_func`, with padding tokens left out)."""
+    log_z = torch.logsumexp(router_logits.float(), dim=-1)  # (T,)
+    return masked_mean(log_z.square(), token_mask)
+
+
+def masked_mean(values: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of `values` (T,) over the tokens whose mask is 1 (all tokens if the mask is None); 0 if none count."""
+    if token_mask is None:
+        return values.mean()
+    weights = token_mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)

@@ -1,0 +1,223 @@
+"""`CoMoEModel`: the peft tuner that puts CoMoE layers into a model and collects their auxiliary losses."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers.pytorch_utils import Conv1D
+
+from .config import CoMoEConfig
+from .layer import CoMoELayer, ExpertSettings, ForwardContext, Linear, RoutingStats, raise_merge_error
+
+SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
+AUX_LOSS_NAMES = ("contrastive", "balance", "z")
+AUX_LOSS_COEF_FIELDS = {
+    "contrastive": "contrastive_loss_coef",
+    "balance": "router_aux_loss_coef",
+    "z": "router_z_loss_coef",
+}
+
+
+class CoMoEModel(BaseTuner):
+    """Creates a CoMoE model from a pretrained transformers model; use it through `peft.get_peft_model`.
+
+    Besides the usual peft tuner API (adapters added, set, deleted, disabled, unloaded) it offers
+    `get_aux_losses()`, `get_aux_loss()` and `get_routing_stats()` for the last forward pass. Merging is
+    impossible for routed experts and raises an error that explains why.
+    """
+
+    prefix: str = "comoe_"
+    tuner_layer_cls = CoMoELayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
+        self.forward_context = ForwardContext()
+        super().__init__(model, config, adapter_name, **kwargs)
+        self._mask_hook = self.model.register_forward_pre_hook(self._capture_attention_mask, with_kwargs=True)
+
+    # ------------------------------------------------------------------ injection
+
+    def _create_and_replace(
+        self,
+        peft_config: CoMoEConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        self._refuse_output_head(target, current_key)
+        settings = _expert_settings(peft_config, current_key)
+        layer_args = dict(
+            r=peft_config.r,
+            lora_alpha=peft_config.lora_alpha,
+            lora_dropout=peft_config.lora_dropout,
+            settings=settings,
+            init_weights=peft_config.init_weights,
+            router_init_std=peft_config.router_init_std,
+        )
+        if isinstance(target, CoMoELayer):
+            target.update_layer(adapter_name, **layer_args)
+            target.forward_context = self.forward_context
+            return
+        new_module = _create_new_module(peft_config, target, current_key, adapter_name, **layer_args)
+        new_module.forward_context = self.forward_context
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set active
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _refuse_output_head(self, target: nn.Module, current_key: str) -> None:
+        get_output_embeddings = getattr(self.model, "get_output_embeddings", None)
+        output_head = get_output_embeddings() if callable(get_output_embeddings) else None
+        if output_head is not None and target is output_head:
+            raise ValueError(
+                f"CoMoE cannot adapt the output head '{current_key}': TRL and recent transformers compute the "
+                "language-model head directly from its weight (a fused loss), which would silently bypass the "
+                "experts. Remove it from target_modules ('all-linear' already leaves it out); to train the head, "
+                "list it in modules_to_save instead."
+            )
+
+    # ------------------------------------------------------------------ merging is impossible
+
+    def _check_merge_allowed(self) -> None:
+        raise_merge_error()
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Always raises: routed experts cannot be merged into the base weights. Use `unload()` to drop them."""
+        raise_merge_error()
+
+    # ------------------------------------------------------------------ forward bookkeeping
+
+    def _capture_attention_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]  # called as model(input_ids, attention_mask)
+        self.forward_context.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        self.forward_context.forward_id += 1
+
+    def unload(self) -> nn.Module:
+        """Remove every CoMoE layer and return the base model unchanged."""
+        self._mask_hook.remove()
+        return super().unload()
+
+    # ------------------------------------------------------------------ auxiliary losses and statistics
+
+    def _comoe_layers(self) -> list[tuple[str, CoMoELayer]]:
+        return [(name, module) for name, module in self.model.named_modules() if isinstance(module, CoMoELayer)]
+
+    def get_aux_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses of the last forward pass, each averaged over the adapted modules (and active adapters).
+
+        Keys: "balance" and "z" (computed in training mode) and "contrastive" (in training mode, when
+        contrastive_loss_coef > 0). Values are float32 scalars that carry gradients. Empty in eval mode.
+        """
+        collected: dict[str, list[torch.Tensor]] = {}
+        for _, layer in self._comoe_layers():
+            for adapter_name in layer.active_adapters:
+                for name, value in layer.recorded_aux_losses(adapter_name).items():
+                    collected.setdefault(name, []).append(value)
+        return {name: torch.stack(values).mean() for name, values in collected.items()}
+
+    def get_aux_loss(self) -> Optional[torch.Tensor]:
+        """The weighted sum of the auxiliary losses of the last forward, with each active adapter's coefficients.
+
+        Add it to the task loss in a custom training loop (`CoMoESFTTrainer` does this for you). None if nothing
+        was recorded (eval mode, or every coefficient is zero).
+        """
+        total: Optional[torch.Tensor] = None
+        for adapter_name in self.active_adapters:
+            config = self.peft_config[adapter_name]
+            for name, value in self._adapter_aux_losses(adapter_name).items():
+                coef = getattr(config, AUX_LOSS_COEF_FIELDS[name])
+                if coef > 0:
+                    total = coef * value if total is None else total + coef * value
+        return total
+
+    def _adapter_aux_losses(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        collected: dict[str, list[torch.Tensor]] = {}
+        for _, layer in self._comoe_layers():
+            for name, value in layer.recorded_aux_losses(adapter_name).items():
+                collected.setdefault(name, []).append(value)
+        return {name: torch.stack(values).mean() for name, values in collected.items()}
+
+    def get_routing_stats(self) -> dict[str, RoutingStats]:
+        """Per-module routing statistics (expert load, routing entropy, valid tokens) of the last forward pass.
+
+        Keys are module names (with the adapter name appended when several adapters are active).
+        """
+        stats: dict[str, RoutingStats] = {}
+        for module_name, layer in self._comoe_layers():
+            active = layer.active_adapters
+            for adapter_name in active:
+                recorded = layer.recorded_routing_stats(adapter_name)
+                if recorded is not None:
+                    key = module_name if len(active) == 1 else f"{module_name}.{adapter_name}"
+                    stats[key] = recorded
+        return stats
+
+
+def _create_new_module(
+    peft_config: CoMoEConfig, target: nn.Module, current_key: str, adapter_name: str, **layer_args: Any
+) -> Linear:
+    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    if isinstance(base, Conv1D):
+        if not peft_config.fan_in_fan_out:
+            peft_config.fan_in_fan_out = True  # Conv1D stores its weight as (in, out)
+    elif isinstance(base, nn.Linear):
+        if peft_config.fan_in_fan_out:
+            raise ValueError(
+                f"CoMoEConfig.fan_in_fan_out=True, but '{current_key}' is a torch.nn.Linear, whose weight is "
+                "(out, in). Set fan_in_fan_out=False (it is set for you on transformers' Conv1D layers)."
+            )
+    else:
+        supported = ", ".join(f"{t.__module__}.{t.__name__}" for t in SUPPORTED_LAYER_TYPES)
+        raise ValueError(
+            f"Target module '{current_key}' is a {type(base).__module__}.{type(base).__name__}, which CoMoE does "
+            f"not support. Supported layer types: {supported}. Change target_modules to select only such layers."
+        )
+    return Linear(target, adapter_name, **layer_args)
+
+
+def _expert_settings(config: CoMoEConfig, current_key: str) -> ExpertSettings:
+    return ExpertSettings(
+        num_experts=config.num_experts,
+        top_k=config.top_k,
+        router_jitter_noise=config.router_jitter_noise,
+        contrastive=config.uses_contrastive_loss and _in_contrastive_layers(config, current_key),
+        contrastive_temperature=config.contrastive_temperature,
+        num_negatives=config.num_negatives,
+        anchor=config.anchor,
+    )
+
+
+def _in_contrastive_layers(config: CoMoEConfig, current_key: str) -> bool:
+    if config.contrastive_layers is None:
+        return True
+    index = layer_index(current_key, config.layers_pattern)
+    if index is None:
+        raise ValueError(
+            f"CoMoEConfig.contrastive_layers is set, but no layer index could be read from module '{current_key}'. "
+            "Set layers_pattern to the name of the model's layer list (e.g. 'layers' or 'h')."
+        )
+    return index in config.contrastive_layers
+
+
+def layer_index(module_key: str, layers_pattern: Optional[list[str] | str] = None) -> Optional[int]:
+    """The transformer-layer index in a module name ('model.layers.3.self_attn.q_proj' -> 3), read the way peft's
+    `layers_to_transform` reads it: the first numbered segment, or the one after `layers_pattern`."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_key)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
