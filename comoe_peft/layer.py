@@ -266,10 +266,9 @@ class Linear(nn.Module, CoMoELayer):
                 indices = sample_contrastive_indices(
                     topk_idx, settings.num_experts, settings.anchor, settings.num_negatives
                 )
-                expert_gram = up.t() @ up  # (N*r, N*r) = B_cat^T B_cat
                 h_experts = h.view(-1, settings.num_experts, self.r[adapter_name])  # (T, N, r)
                 losses["contrastive"] = contrastive_loss(
-                    h_experts, expert_gram, indices, settings.contrastive_temperature, token_mask
+                    h_experts, up, indices, settings.contrastive_temperature, token_mask
                 )
         stats = routing_stats(probs.detach(), topk_idx, token_mask)
         forward_id = context.forward_id if context is not None else 0

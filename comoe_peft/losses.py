@@ -113,15 +113,30 @@ def _anchor_dots_gathered(
     return torch.einsum("tar,tasrq,tasq->tas", h_anchor, blocks, h_candidate)
 
 
+def expert_gram_matrix(expert_up: torch.Tensor) -> torch.Tensor:
+    """G = B_cat^T B_cat ((N*r) x (N*r)) in float32 (float64 for float64 input) from the stacked B (d_out, N*r).
+
+    Built in float32 even for half-precision weights: at initialisation B = 0 and the cosine's gradient with
+    respect to G is huge, which would overflow float16 before it is multiplied by B = 0.
+    """
+    up = expert_up.to(_compute_dtype(expert_up.dtype))
+    return up.t() @ up
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def contrastive_logits(
-    h: torch.Tensor, expert_gram: torch.Tensor, indices: ContrastiveIndices, temperature: float
+    h: torch.Tensor, expert_up: torch.Tensor, indices: ContrastiveIndices, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine logits between each anchor and its positives (T, A, P) and negatives (T, A, M), divided by tau.
 
-    The log-weight of sampled negatives is already added to the negative logits. Computed in float32.
+    `expert_up` is the stacked up-projection B_cat (d_out, N*r). The log-weight of sampled negatives is already
+    added to the negative logits. Computed in float32 (float64 for float64 input).
     """
-    h = h.float()
-    expert_gram = expert_gram.float()
+    expert_gram = expert_gram_matrix(expert_up)  # (N*r, N*r)
+    h = h.to(expert_gram.dtype)
     num_tokens, num_experts, _ = h.shape
     gram_blocks = _expert_gram_blocks(expert_gram, num_experts)
     num_anchors = indices.anchor_idx.shape[1]
@@ -151,7 +166,7 @@ def contrastive_logits(
 
 def contrastive_loss(
     h: torch.Tensor,
-    expert_gram: torch.Tensor,
+    expert_up: torch.Tensor,
     indices: ContrastiveIndices,
     temperature: float,
     token_mask: Optional[torch.Tensor] = None,
@@ -163,15 +178,15 @@ def contrastive_loss(
 
     Args:
         h: (T, N, r) rank-space activations A_j x of every expert, inactive ones included.
-        expert_gram: (N*r, N*r) Gram matrix B_cat^T B_cat of the stacked up-projections.
+        expert_up: (d_out, N*r) the experts' up-projections side by side, B_cat = [B_1 ... B_N].
         indices: anchors, positives and negatives from `sample_contrastive_indices`.
         temperature: tau > 0.
         token_mask: (T,) 1 for tokens that count, 0 for padding; None = all count.
 
     Returns:
-        A float32 scalar. Finite when every expert output is zero (B = 0 at initialisation).
+        A float32 scalar (float64 for float64 input). Finite when every expert output is zero (B = 0 at initialisation).
     """
-    positive_logits, negative_logits = contrastive_logits(h, expert_gram, indices, temperature)
+    positive_logits, negative_logits = contrastive_logits(h, expert_up, indices, temperature)
     all_logits = torch.cat([positive_logits, negative_logits], dim=-1)  # (T, A, S)
     log_denominator = torch.logaddexp(
         torch.logsumexp(all_logits, dim=-1), torch.tensor(math.log(CONTRASTIVE_EPS), device=h.device)
