@@ -66,6 +66,7 @@ class ForwardContext:
     def __init__(self) -> None:
         self.attention_mask: Optional[torch.Tensor] = None
         self.forward_id: int = 0
+        self.record_in_eval: bool = False  # set by the trainers during evaluation, for the eval metrics
 
     def token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The (T,) mask of valid tokens for an input x of shape (batch, seq, d), or None if it does not apply."""
@@ -259,7 +260,7 @@ class Linear(nn.Module, CoMoELayer):
         context = self.forward_context
         token_mask = context.token_mask(x) if context is not None else None
         losses: dict[str, torch.Tensor] = {}
-        if self.training:
+        if self.training or (context is not None and context.record_in_eval):
             losses["balance"] = load_balancing_loss(router_logits, settings.top_k, token_mask)
             losses["z"] = router_z_loss(router_logits, token_mask)
             if settings.contrastive:

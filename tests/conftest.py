@@ -63,3 +63,54 @@ def gpt2():
 @pytest.fixture
 def batch():
     return token_batch()
+
+
+TOKENIZER_CORPUS = [
+    "review: a wonderful film, full of life. sentiment: positive",
+    "review: dull and far too long. sentiment: negative",
+    "question: what is 12 plus 7? answer: 19",
+    "question: what is 30 minus 4? answer: 26",
+    "premise: the cat sleeps. hypothesis: an animal rests. label: entailment",
+    "premise: it rains. hypothesis: the sky is clear. label: contradiction",
+    "turn left, take 3 steps, turn around. do you return to the start? answer: no",
+]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in memory on a few sentences (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def multitask_rows(n_per_task: int = 16, seed: int = 0):
+    """A small prompt-completion dataset mixing four task families."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_per_task):
+        a, b = rng.randint(1, 40), rng.randint(1, 40)
+        rows.append({"prompt": f"question: what is {a} plus {b}? answer:", "completion": f" {a + b}"})
+        good = rng.random() < 0.5
+        text = "a wonderful film, full of life" if good else "dull and far too long"
+        rows.append({"prompt": f"review: {text}. sentiment:", "completion": " positive" if good else " negative"})
+        same = rng.random() < 0.5
+        hyp = "an animal rests" if same else "the sky is clear"
+        rows.append({"prompt": f"premise: the cat sleeps. hypothesis: {hyp}. label:",
+                     "completion": " entailment" if same else " contradiction"})
+        steps = rng.randint(1, 9)
+        rows.append({"prompt": f"turn left, take {steps} steps, turn around. do you return to the start? answer:",
+                     "completion": " no"})
+    return rows

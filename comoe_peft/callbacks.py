@@ -1,0 +1,78 @@
+"""`ExpertLoadHistoryCallback`: per-layer expert-load histories of a training run, saved as JSON beside checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+HISTORY_FILENAME = "expert_load_history.json"
+
+
+class ExpertLoadHistoryCallback(TrainerCallback):
+    """Records, at every logging step, each adapted layer's expert load averaged over the steps since the last log.
+
+    The history is written as `expert_load_history.json` into every checkpoint folder and into `output_dir` at the
+    end of training; on resume it is read back from the checkpoint. Format::
+
+        {"num_experts": N, "history": [{"step": 10, "expert_load": {"model.layers.0.self_attn.q_proj": [..N..]}}]}
+
+    Each step contributes the load of its last micro-batch (the routing statistics of the last forward pass).
+    """
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.global_step > 0 and not self.history:
+            saved = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", HISTORY_FILENAME)
+            if os.path.isfile(saved):
+                with open(saved, encoding="utf-8") as handle:
+                    self.history = [e for e in json.load(handle)["history"] if e["step"] <= state.global_step]
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        from .trainer import find_comoe_model
+
+        if model is None:
+            return
+        for name, stats in find_comoe_model(model).get_routing_stats().items():
+            load = stats.expert_load.detach()
+            self._sums[name] = self._sums[name] + load if name in self._sums else load.clone()
+        self._count += 1
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if self._count == 0:
+            return
+        loads = {name: (total / self._count).tolist() for name, total in self._sums.items()}
+        self.history.append({"step": state.global_step, "expert_load": loads})
+        self._sums, self._count = {}, 0
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if os.path.isdir(folder):
+                self.write(os.path.join(folder, HISTORY_FILENAME))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero and self.history:
+            os.makedirs(args.output_dir, exist_ok=True)
+            self.write(os.path.join(args.output_dir, HISTORY_FILENAME))
+
+    def write(self, path: str) -> None:
+        """Write the history to `path` atomically (a temporary file in the same folder, then a rename)."""
+        num_experts: Optional[int] = None
+        if self.history and self.history[-1]["expert_load"]:
+            num_experts = len(next(iter(self.history[-1]["expert_load"].values())))
+        payload = {"num_experts": num_experts, "history": self.history}
+        folder = os.path.dirname(path) or "."
+        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as handle:
+            json.dump(payload, handle)
+            temporary = handle.name
+        os.replace(temporary, path)

@@ -1,0 +1,196 @@
+"""Training CoMoE with TRL or transformers: the auxiliary losses added to the task loss, and their metrics.
+
+`CoMoESFTTrainer` is TRL's `SFTTrainer` with one change: `compute_loss` adds
+`contrastive_loss_coef * L_con + router_aux_loss_coef * L_balance + router_z_loss_coef * L_z` to the task loss
+and logs the `comoe/*` metrics. `CoMoETrainerMixin` gives the same to a plain `transformers.Trainer`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+from .callbacks import ExpertLoadHistoryCallback
+from .model import AUX_LOSS_COEF_FIELDS, CoMoEModel
+
+METRIC_PREFIX = "comoe/"
+
+
+@dataclass
+class CoMoEArgumentsMixin:
+    """Optional overrides of the CoMoE loss coefficients; None keeps the value of the adapter's `CoMoEConfig`.
+
+    They have their own names: TRL's `router_aux_loss_coef` is for MoE base models and refuses other models.
+    """
+
+    comoe_contrastive_loss_coef: Optional[float] = field(
+        default=None, metadata={"help": "Overrides CoMoEConfig.contrastive_loss_coef when set."}
+    )
+    comoe_router_aux_loss_coef: Optional[float] = field(
+        default=None, metadata={"help": "Overrides CoMoEConfig.router_aux_loss_coef when set."}
+    )
+    comoe_router_z_loss_coef: Optional[float] = field(
+        default=None, metadata={"help": "Overrides CoMoEConfig.router_z_loss_coef when set."}
+    )
+    comoe_expert_load_history: bool = field(
+        default=True, metadata={"help": "Keep per-layer expert-load histories and save them next to checkpoints."}
+    )
+
+
+@dataclass
+class CoMoESFTConfig(CoMoEArgumentsMixin, SFTConfig):
+    """TRL's `SFTConfig` plus the `comoe_*` overrides of `CoMoEArgumentsMixin`."""
+
+
+@dataclass
+class CoMoETrainingArguments(CoMoEArgumentsMixin, TrainingArguments):
+    """transformers' `TrainingArguments` plus the `comoe_*` overrides of `CoMoEArgumentsMixin`."""
+
+
+def find_comoe_model(model: torch.nn.Module) -> CoMoEModel:
+    """The `CoMoEModel` inside a (possibly DDP- or FSDP-wrapped) `PeftModel`; a clear error if there is none."""
+    seen = model
+    for _ in range(4):  # DDP/FSDP wrapper -> PeftModel -> CoMoEModel
+        if isinstance(seen, CoMoEModel):
+            return seen
+        inner = getattr(seen, "module", None) or getattr(seen, "base_model", None)
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    raise ValueError(
+        "This trainer needs a model with a CoMoE adapter: pass `peft_config=CoMoEConfig(...)` or a model wrapped "
+        f"with `get_peft_model(model, CoMoEConfig(...))`; got {type(model).__name__}."
+    )
+
+
+class CoMoETrainerMixin:
+    """Adds the CoMoE auxiliary losses and `comoe/*` metrics to a `transformers.Trainer` subclass.
+
+    Use it first in the bases: `class MyTrainer(CoMoETrainerMixin, Trainer)`. The losses of each micro-batch are
+    divided by the number of gradient-accumulation steps whenever the task loss is normalised over the whole
+    accumulated batch (`num_items_in_batch` given), so accumulation gives the same gradient as one large batch.
+    Logged each logging step, in training and evaluation: `comoe/contrastive`, `comoe/balance`, `comoe/z`,
+    `comoe/routing_entropy`, `comoe/expert_load_cv` and `comoe/infonce_bound` (log M - L_con, M negatives).
+    """
+
+    def _comoe_setup(self) -> None:
+        self.comoe_model = find_comoe_model(self.model)
+        self._comoe_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._refuse_reentrant_checkpointing()
+        if getattr(self.args, "comoe_expert_load_history", True):
+            self.add_callback(ExpertLoadHistoryCallback())
+
+    def comoe_loss_coefficients(self) -> dict[str, float]:
+        """The coefficient of each auxiliary loss: the `comoe_*` argument if set, else the active adapter's config."""
+        config = self.comoe_model.peft_config[self.comoe_model.active_adapters[0]]
+        coefficients = {}
+        for name, config_field in AUX_LOSS_COEF_FIELDS.items():
+            override = getattr(self.args, f"comoe_{config_field}", None)
+            coefficients[name] = float(getattr(config, config_field) if override is None else override)
+        return coefficients
+
+    def _refuse_reentrant_checkpointing(self) -> None:
+        kwargs = self.args.gradient_checkpointing_kwargs or {}
+        uses_aux = any(value > 0 for value in self.comoe_loss_coefficients().values())
+        if self.args.gradient_checkpointing and kwargs.get("use_reentrant") and uses_aux:
+            raise ValueError(
+                "Reentrant gradient checkpointing (gradient_checkpointing_kwargs={'use_reentrant': True}) runs the "
+                "layers' first forward without autograd, so the CoMoE auxiliary losses would get no gradient and "
+                "silently stop training the experts. Use {'use_reentrant': False} (the default), or turn "
+                "gradient_checkpointing off."
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The task loss of the base trainer plus the weighted CoMoE auxiliary losses of the same forward pass."""
+        context = self.comoe_model.forward_context
+        context.record_in_eval = True  # eval-mode forwards record the losses too, for the eval metrics
+        try:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        finally:
+            context.record_in_eval = False
+        loss, outputs = result if return_outputs else (result, None)
+        aux_losses = self.comoe_model.get_aux_losses()
+        weighted = self._weighted_aux_loss(aux_losses)
+        if weighted is not None and model.training:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + weighted / steps
+        self._record_comoe_metrics(aux_losses, "train" if model.training else "eval")
+        return (loss, outputs) if return_outputs else loss
+
+    def _weighted_aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        total = None
+        for name, coefficient in self.comoe_loss_coefficients().items():
+            if coefficient > 0 and name in aux_losses:
+                term = coefficient * aux_losses[name]
+                total = term if total is None else total + term
+        return total
+
+    def _record_comoe_metrics(self, aux_losses: dict[str, torch.Tensor], mode: str) -> None:
+        values = {name: loss.detach() for name, loss in aux_losses.items()}
+        stats = list(self.comoe_model.get_routing_stats().values())
+        if stats:
+            values["routing_entropy"] = torch.stack([s.routing_entropy for s in stats]).mean()
+            loads = torch.stack([s.expert_load for s in stats])  # (modules, N)
+            values["expert_load_cv"] = (loads.std(dim=1, unbiased=False) / loads.mean(dim=1)).mean()
+        if "contrastive" in values:
+            values["infonce_bound"] = math.log(self._num_negatives()) - values["contrastive"]
+        if not values:
+            return
+        names = sorted(values)
+        stacked = torch.stack([values[name].float().to(self.args.device) for name in names])  # (metrics,)
+        gathered = self.accelerator.gather_for_metrics(stacked.unsqueeze(0)).view(-1, len(names)).mean(0)
+        for name, value in zip(names, gathered.tolist()):
+            self._comoe_metrics[mode][METRIC_PREFIX + name].append(value)
+
+    def _num_negatives(self) -> int:
+        config = self.comoe_model.peft_config[self.comoe_model.active_adapters[0]]
+        return config.num_negatives or (config.num_experts - config.top_k)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {name: sum(v) / len(v) for name, v in self._comoe_metrics[mode].items() if v}
+        if mode == "eval":
+            metrics = {f"eval_{name}": value for name, value in metrics.items()}
+        logs.update(metrics)
+        self._comoe_metrics[mode].clear()
+        super().log(logs, *args, **kwargs)
+
+
+class CoMoESFTTrainer(CoMoETrainerMixin, SFTTrainer):
+    """TRL's `SFTTrainer` that trains a CoMoE adapter with the paper's contrastive loss.
+
+    Construct it like `SFTTrainer`, either with a base model and `peft_config=CoMoEConfig(...)` or with a model
+    already wrapped by `get_peft_model`. Loss coefficients come from the `CoMoEConfig`; `CoMoESFTConfig` can
+    override them. Reentrant gradient checkpointing is refused (it would silently drop the auxiliary gradient).
+
+    Example:
+        ```python
+        trainer = CoMoESFTTrainer(
+            model=base_model,
+            args=CoMoESFTConfig(output_dir="run", max_steps=100),
+            train_dataset=dataset,
+            peft_config=CoMoEConfig(num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"]),
+        )
+        trainer.train()
+        ```
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._comoe_setup()
+
+
+class CoMoETrainer(CoMoETrainerMixin, Trainer):
+    """A plain `transformers.Trainer` with the CoMoE auxiliary losses and metrics (see `CoMoETrainerMixin`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._comoe_setup()

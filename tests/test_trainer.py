@@ -1,0 +1,188 @@
+"""CoMoESFTTrainer and CoMoETrainer: auxiliary losses, accumulation, metrics, checkpoints, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+
+from comoe_peft import CoMoEConfig
+from comoe_peft.callbacks import HISTORY_FILENAME
+from comoe_peft.trainer import CoMoESFTConfig, CoMoESFTTrainer, CoMoETrainer, CoMoETrainingArguments
+from conftest import multitask_rows, tiny_llama, tiny_tokenizer
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def comoe_config(**overrides):
+    kwargs = dict(r=4, lora_alpha=8, num_experts=4, top_k=2, target_modules=TARGETS)
+    kwargs.update(overrides)
+    return CoMoEConfig(**kwargs)
+
+
+def sft_args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        max_length=64,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return CoMoESFTConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return Dataset.from_list(multitask_rows())
+
+
+def base_model(tokenizer):
+    return tiny_llama(vocab=len(tokenizer))
+
+
+def history_values(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def test_sft_run_logs_metrics_the_contrastive_loss_falls_and_load_history_is_written(tmp_path, tokenizer, dataset):
+    args = sft_args(tmp_path, max_steps=30, learning_rate=1e-2, comoe_contrastive_loss_coef=1.0,
+                    gradient_checkpointing=True)
+    trainer = CoMoESFTTrainer(model=base_model(tokenizer), args=args, train_dataset=dataset,
+                              processing_class=tokenizer, peft_config=comoe_config(init_weights=False))
+    trainer.train()
+    for key in ("contrastive", "balance", "z", "routing_entropy", "expert_load_cv", "infonce_bound"):
+        assert len(history_values(trainer, f"comoe/{key}")) == 30, key
+    contrastive = history_values(trainer, "comoe/contrastive")
+    assert sum(contrastive[-5:]) / 5 < sum(contrastive[:5]) / 5 - 0.05
+    bound = history_values(trainer, "comoe/infonce_bound")
+    assert bound[0] == pytest.approx(torch.log(torch.tensor(2.0)).item() - contrastive[0], abs=1e-5)
+    history = json.loads((tmp_path / "run" / HISTORY_FILENAME).read_text())
+    assert history["num_experts"] == 4 and len(history["history"]) == 30
+    loads = history["history"][-1]["expert_load"]
+    assert len(loads) == 8 and all(abs(sum(v) - 1) < 1e-5 for v in loads.values())
+
+
+def test_both_construction_paths_train(tmp_path, tokenizer, dataset):
+    wrapped = get_peft_model(base_model(tokenizer), comoe_config())
+    for name, kwargs in [("config", dict(model=base_model(tokenizer), peft_config=comoe_config())),
+                         ("wrapped", dict(model=wrapped))]:
+        trainer = CoMoESFTTrainer(args=sft_args(tmp_path / name, max_steps=2), train_dataset=dataset,
+                                  processing_class=tokenizer, **kwargs)
+        trainer.train()
+        assert history_values(trainer, "comoe/contrastive"), name
+        assert isinstance(trainer.model, PeftModel)
+
+
+def test_coefficients_come_from_the_config_and_can_be_overridden(tmp_path, tokenizer, dataset):
+    trainer = CoMoESFTTrainer(model=base_model(tokenizer), args=sft_args(tmp_path, comoe_router_z_loss_coef=0.5),
+                              train_dataset=dataset, processing_class=tokenizer,
+                              peft_config=comoe_config(contrastive_loss_coef=0.2))
+    assert trainer.comoe_loss_coefficients() == {"contrastive": 0.2, "balance": 0.0, "z": 0.5}
+
+
+def test_gradient_accumulation_gives_the_same_gradient(tmp_path, tokenizer):
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(2, len(tokenizer), (16,), generator=generator).tolist()} for _ in range(8)]
+    data = Dataset.from_list(rows)
+    params = {}
+    for name, batch, accumulation in [("big", 8, 1), ("accumulated", 4, 2)]:
+        args = sft_args(tmp_path / name, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                        max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
+                        max_grad_norm=0.0, comoe_contrastive_loss_coef=0.5, comoe_router_z_loss_coef=0.1)
+        config = comoe_config(anchor="all", init_weights=False)  # deterministic anchors
+        trainer = CoMoESFTTrainer(model=base_model(tokenizer), args=args, train_dataset=data,
+                                  processing_class=tokenizer, peft_config=config)
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.train()
+        params[name] = {n: before[n] - p.detach() for n, p in trainer.model.named_parameters() if n in before}
+    for key, update in params["big"].items():
+        assert update.abs().sum() > 0, key
+        torch.testing.assert_close(params["accumulated"][key], update, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_resume_from_checkpoint_gives_the_same_losses(tmp_path, tokenizer, dataset):
+    def run(output_dir, resume=None):
+        args = sft_args(output_dir, max_steps=6, save_strategy="steps", save_steps=3, output_dir=str(output_dir),
+                        per_device_train_batch_size=4)
+        trainer = CoMoESFTTrainer(model=base_model(tokenizer), args=args, train_dataset=dataset,
+                                  processing_class=tokenizer, peft_config=comoe_config())
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, {e["step"]: (e["loss"], e["comoe/contrastive"]) for e in trainer.state.log_history
+                         if "loss" in e}
+
+    _, full = run(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / HISTORY_FILENAME).is_file()
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    resumed_trainer, resumed = run(tmp_path / "full", resume=str(checkpoint))
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+    history = json.loads((tmp_path / "full" / HISTORY_FILENAME).read_text())["history"]
+    assert [e["step"] for e in history] == [1, 2, 3, 4, 5, 6]
+    reloaded = PeftModel.from_pretrained(base_model(tokenizer), str(tmp_path / "full" / "checkpoint-6"))
+    assert reloaded.peft_config["default"].num_experts == 4
+
+
+def test_reentrant_gradient_checkpointing_is_refused(tmp_path, tokenizer, dataset):
+    args = sft_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="Reentrant gradient checkpointing.*use_reentrant': False"):
+        CoMoESFTTrainer(model=base_model(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer,
+                        peft_config=comoe_config())
+
+
+def test_a_model_without_a_comoe_adapter_is_refused(tmp_path, tokenizer, dataset):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match="needs a model with a CoMoE adapter"):
+        CoMoESFTTrainer(model=base_model(tokenizer), args=sft_args(tmp_path), train_dataset=dataset,
+                        processing_class=tokenizer, peft_config=LoraConfig(target_modules=["q_proj"]))
+
+
+def test_eval_mode_metrics(tmp_path, tokenizer, dataset):
+    trainer = CoMoESFTTrainer(model=base_model(tokenizer), args=sft_args(tmp_path, per_device_eval_batch_size=8),
+                              train_dataset=dataset, eval_dataset=dataset.select(range(16)),
+                              processing_class=tokenizer, peft_config=comoe_config(init_weights=False))
+    metrics = trainer.evaluate()
+    for key in ("contrastive", "balance", "z", "routing_entropy", "expert_load_cv", "infonce_bound"):
+        assert f"eval_comoe/{key}" in metrics, key
+    assert not trainer.comoe_model.forward_context.record_in_eval
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.model(input_ids=torch.tensor([[3, 4, 5]]))
+    assert trainer.comoe_model.get_aux_losses() == {}
+
+
+def test_plain_transformers_trainer_with_the_mixin(tmp_path, tokenizer):
+    from transformers import DataCollatorForLanguageModeling
+
+    texts = [r["prompt"] + r["completion"] for r in multitask_rows(4)]
+    data = Dataset.from_dict(tokenizer(texts, truncation=True, max_length=48))
+    model = get_peft_model(base_model(tokenizer), comoe_config(init_weights=False))
+    args = CoMoETrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                                  logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                                  comoe_contrastive_loss_coef=0.3)
+    trainer = CoMoETrainer(model=model, args=args, train_dataset=data,
+                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    trainer.train()
+    assert trainer.comoe_loss_coefficients()["contrastive"] == 0.3
+    assert len(history_values(trainer, "comoe/contrastive")) == 3
+    assert os.path.isfile(os.path.join(tmp_path, HISTORY_FILENAME))
