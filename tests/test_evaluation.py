@@ -1,0 +1,265 @@
+"""Evaluation: choice log-likelihoods, batching and padding invariance, generation, accuracy bookkeeping."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from comoe_peft import evaluation
+from comoe_peft.evaluation import (
+    choice_loglikelihoods,
+    clean_generation,
+    encode_pair,
+    evaluate,
+    format_table,
+    generate_answers,
+    score_choices,
+    split_context_continuation,
+)
+
+CORPUS = [
+    "Question: is the sky blue? Answer: yes",
+    "Question: is grass red? Answer: no",
+    "Review: great film. Sentiment: positive",
+    "Review: boring plot. Sentiment: negative",
+    "Add 2 and 3. Answer: 5\n",
+    "the cat sat on the mat",
+    "maybe yes maybe no",
+] * 5
+
+
+def prompt_fn(row: dict) -> str:
+    return f"{row['prompt']}\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE tokenizer trained in memory on a few sentences (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A random Llama (hidden 64, 2 layers) over the tiny tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+MC_ROWS = [
+    {"task": "sky", "prompt": "Question: is the sky blue?", "choices": ["yes", "no"], "answer": "yes"},
+    {"task": "sky", "prompt": "Question: is grass red?", "choices": ["yes", "no", "maybe"], "answer": "no"},
+    {
+        "task": "sentiment",
+        "prompt": "Review: a great film with a boring plot and the cat sat on the mat. Sentiment of it all?",
+        "choices": ["positive", "negative", "the cat sat"],
+        "answer": "negative",
+    },
+    {"task": "sentiment", "prompt": "Review: boring.", "choices": ["positive", "negative"], "answer": "negative"},
+]
+
+
+# tokenisation at the prompt / choice boundary
+
+
+def test_split_moves_trailing_space_into_the_continuation():
+    assert split_context_continuation("Answer: ", "yes") == ("Answer:", " yes")
+    assert split_context_continuation("Answer:", "yes") == ("Answer:", " yes")
+    assert split_context_continuation("Answer:\n", "yes") == ("Answer:\n", "yes")
+
+
+def test_encode_pair_keeps_the_whole_text_tokenisation(tokenizer):
+    ctx, cont = encode_pair(tokenizer, "Answer:", " yes")
+    assert ctx + cont == tokenizer("Answer: yes").input_ids
+    assert tokenizer.convert_ids_to_tokens(cont) == ["Ġyes"]
+
+
+# log-likelihood scoring
+
+
+def _reference_loglikelihood(model, tokenizer, prompt: str, choice: str) -> float:
+    """log p(" " + choice | prompt) from one unpadded forward over the whole text."""
+    ctx = tokenizer(prompt).input_ids
+    full = tokenizer(prompt + " " + choice).input_ids
+    assert full[: len(ctx)] == ctx
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), dim=-1)
+    return sum(logp[t - 1, full[t]].item() for t in range(len(ctx), len(full)))
+
+
+def test_loglikelihoods_match_an_unpadded_reference(model, tokenizer):
+    scores = choice_loglikelihoods(model, tokenizer, MC_ROWS, prompt_fn, batch_size=16)
+    for row, row_scores in zip(MC_ROWS, scores):
+        expected = [_reference_loglikelihood(model, tokenizer, prompt_fn(row), c) for c in row["choices"]]
+        assert row_scores == pytest.approx(expected, abs=1e-4)
+
+
+def test_batched_scores_equal_per_row_scores(model, tokenizer):
+    batched = choice_loglikelihoods(model, tokenizer, MC_ROWS, prompt_fn, batch_size=16)
+    for row, row_scores in zip(MC_ROWS, batched):
+        alone = choice_loglikelihoods(model, tokenizer, [row], prompt_fn, batch_size=1)[0]
+        assert len(alone) == len(row["choices"])
+        assert row_scores == pytest.approx(alone, abs=1e-4)
+
+
+def test_padding_does_not_change_scores(model, tokenizer):
+    short, long = MC_ROWS[3], MC_ROWS[2]
+    alone = choice_loglikelihoods(model, tokenizer, [short], prompt_fn, batch_size=1)[0]
+    # in one batch with a much longer row, the short row's sequences are right-padded
+    padded = choice_loglikelihoods(model, tokenizer, [short, long], prompt_fn, batch_size=8)[0]
+    assert padded == pytest.approx(alone, abs=1e-4)
+    assert all(s < 0 for s in alone)
+
+
+def test_scoring_restores_training_mode(model, tokenizer):
+    model.train()
+    try:
+        score_choices(model, tokenizer, MC_ROWS[:1], prompt_fn)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_rows_without_choices_are_rejected(model, tokenizer):
+    row = {"task": "gen", "prompt": "Add 2 and 3.", "choices": [], "answer": "5"}
+    with pytest.raises(ValueError, match="generate_answers"):
+        score_choices(model, tokenizer, [row], prompt_fn)
+
+
+# a stub model that prefers known tokens
+
+
+class PreferTokens(torch.nn.Module):
+    """Logits +10 for the given token ids at every position, 0 elsewhere."""
+
+    def __init__(self, vocab: int, preferred: list[int]):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(vocab))
+        with torch.no_grad():
+            self.bias[preferred] = 10.0
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))
+
+
+@pytest.fixture
+def prefers_yes(tokenizer):
+    return PreferTokens(len(tokenizer), tokenizer(" yes").input_ids)
+
+
+def test_score_choices_picks_the_preferred_choice(prefers_yes, tokenizer):
+    rows = [
+        {"task": "t", "prompt": "p", "choices": ["no", "yes"], "answer": "yes"},
+        {"task": "t", "prompt": "q", "choices": ["yes", "no", "maybe"], "answer": "no"},
+    ]
+    assert score_choices(prefers_yes, tokenizer, rows, prompt_fn, batch_size=2) == [1, 0]
+
+
+def test_evaluate_counts_accuracy_per_task(prefers_yes, tokenizer, monkeypatch):
+    yes_no = lambda answer: {"choices": ["yes", "no"], "answer": answer}  # noqa: E731
+    rows = [
+        {"task": "a", "prompt": "1", **yes_no("yes")},
+        {"task": "a", "prompt": "2", **yes_no("no")},
+        {"task": "a", "prompt": "3", **yes_no("yes")},
+        {"task": "b", "prompt": "4", **yes_no("no")},
+        {"task": "gen", "prompt": "x", "choices": [], "answer": " 5 "},
+        {"task": "gen", "prompt": "y", "choices": [], "answer": "7"},
+    ]
+    generated = {"x\nAnswer:": "5", "y\nAnswer:": "8"}
+    monkeypatch.setattr(
+        evaluation, "generate_answers", lambda m, t, rs, fn, *a, **k: [generated[fn(r)] for r in rs]
+    )
+    results = evaluate(prefers_yes, tokenizer, rows, prompt_fn, batch_size=3, progress=False)
+    assert results["a"] == {"accuracy": pytest.approx(2 / 3), "n": 3, "kind": "multiple_choice"}
+    assert results["b"] == {"accuracy": 0.0, "n": 1, "kind": "multiple_choice"}
+    assert results["gen"] == {"accuracy": 0.5, "n": 2, "kind": "generation"}
+    assert results["overall"]["accuracy"] == pytest.approx((2 / 3 + 0.0 + 0.5) / 3)
+    assert results["overall"]["n"] == 6
+
+
+def test_evaluate_rejects_bad_rows(prefers_yes, tokenizer):
+    mixed = [
+        {"task": "a", "prompt": "1", "choices": ["yes"], "answer": "yes"},
+        {"task": "a", "prompt": "2", "choices": [], "answer": "yes"},
+    ]
+    with pytest.raises(ValueError, match="mixes"):
+        evaluate(prefers_yes, tokenizer, mixed, prompt_fn, progress=False)
+    not_a_choice = [{"task": "a", "prompt": "1", "choices": ["yes", "no"], "answer": "perhaps"}]
+    with pytest.raises(ValueError, match="not one of the choices"):
+        evaluate(prefers_yes, tokenizer, not_a_choice, prompt_fn, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(prefers_yes, tokenizer, [], prompt_fn, progress=False)
+
+
+# generation
+
+
+def test_clean_generation_cuts_at_newline():
+    assert clean_generation("  5 \nQuestion: next") == "5"
+    assert clean_generation("\nfoo") == ""
+
+
+def test_batched_generation_equals_one_by_one(model, tokenizer):
+    rows = [
+        {"task": "g", "prompt": "Add 2 and 3.", "choices": [], "answer": "5"},
+        {
+            "task": "g",
+            "prompt": "Review: a great film with a boring plot, the cat sat on the mat.",
+            "choices": [],
+            "answer": "x",
+        },
+        {"task": "g", "prompt": "the cat", "choices": [], "answer": "y"},
+    ]
+    batched = generate_answers(model, tokenizer, rows, prompt_fn, max_new_tokens=6, batch_size=3)
+    alone = [generate_answers(model, tokenizer, [r], prompt_fn, max_new_tokens=6, batch_size=1)[0] for r in rows]
+    assert batched == alone
+    assert all("\n" not in text and text == text.strip() for text in batched)
+
+
+# table
+
+
+def test_format_table_single_and_several_methods():
+    one = {
+        "b": {"accuracy": 0.5, "n": 2, "kind": "generation"},
+        "a": {"accuracy": 0.25, "n": 4, "kind": "multiple_choice"},
+        "overall": {"accuracy": 0.375, "n": 6, "kind": "macro_mean"},
+    }
+    lines = format_table(one).splitlines()
+    assert lines[0].split() == ["task", "kind", "n", "accuracy"]
+    assert [line.split()[0] for line in lines[2:]] == ["a", "b", "overall"]
+    assert lines[2].split()[-1] == "0.250"
+
+    other = {"a": {"accuracy": 1.0, "n": 4, "kind": "multiple_choice"}}
+    lines = format_table({"comoe": one, "lora": other}).splitlines()
+    assert lines[0].split() == ["task", "kind", "n", "comoe", "lora"]
+    assert lines[2].split()[-2:] == ["0.250", "1.000"]
+    assert lines[3].split()[-2:] == ["0.500", "-"]
