@@ -22,7 +22,7 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 CONTRASTIVE_EPS = 1e-3  # the epsilon of the paper's Algorithm 1, added to the softmax denominator
-NORM_EPS = 1e-8  # expert outputs are exactly zero at initialisation; norms are clamped to this
+NORM_EPS = 1e-6  # an expert output shorter than this has no direction: its cosines are 0 and pass no gradient
 
 
 @dataclass
@@ -127,6 +127,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _cosines(dots: torch.Tensor, squared_a: torch.Tensor, squared_b: torch.Tensor) -> torch.Tensor:
+    """dots / (|a| |b|), and 0 where either output is shorter than NORM_EPS.
+
+    A zero output (every expert at initialisation, or an expert no token has been routed to yet) has no
+    direction; its cosine is 0 and it passes no gradient. Clamping its norm at a tiny epsilon instead would give a
+    gradient of order 1 / epsilon, which swamps the task loss under gradient clipping.
+    """
+    floor = NORM_EPS**2
+    has_direction = (squared_a > floor) & (squared_b > floor)
+    norms = squared_a.clamp_min(floor).sqrt() * squared_b.clamp_min(floor).sqrt()
+    return torch.where(has_direction, dots / norms, torch.zeros_like(dots))
+
+
 def contrastive_logits(
     h: torch.Tensor, expert_up: torch.Tensor, indices: ContrastiveIndices, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,18 +159,17 @@ def contrastive_logits(
     if indices.all_negatives:
         dots_all = _anchor_dots_dense(h, expert_gram, indices.anchor_idx)  # (T, A, N)
         dots = dots_all.gather(2, candidates)  # (T, A, S)
-        norms_all = _squared_norms(h, gram_blocks).clamp_min(NORM_EPS**2).sqrt()  # (T, N)
-        anchor_norm = norms_all.gather(1, indices.anchor_idx)  # (T, A)
-        candidate_norm = norms_all[token.view(-1, 1, 1), candidates]  # (T, A, S)
+        squared_all = _squared_norms(h, gram_blocks)  # (T, N)
+        anchor_squared = squared_all.gather(1, indices.anchor_idx)  # (T, A)
+        candidate_squared = squared_all[token.view(-1, 1, 1), candidates]  # (T, A, S)
     else:
         dots = _anchor_dots_gathered(h, gram_blocks, indices.anchor_idx, candidates)  # (T, A, S)
         involved = torch.cat([indices.anchor_idx.unsqueeze(-1), candidates], dim=-1)  # (T, A, 1 + S)
         h_involved = h[token.view(-1, 1, 1), involved]  # (T, A, 1 + S, r)
         diagonal = gram_blocks[involved, involved]  # (T, A, 1 + S, r, r)
-        squared = torch.einsum("tasr,tasrq,tasq->tas", h_involved, diagonal, h_involved)
-        norms = squared.clamp_min(NORM_EPS**2).sqrt()  # (T, A, 1 + S)
-        anchor_norm, candidate_norm = norms[..., 0], norms[..., 1:]
-    logits = dots / (anchor_norm.unsqueeze(-1) * candidate_norm) / temperature  # (T, A, S)
+        squared = torch.einsum("tasr,tasrq,tasq->tas", h_involved, diagonal, h_involved)  # (T, A, 1 + S)
+        anchor_squared, candidate_squared = squared[..., 0], squared[..., 1:]
+    logits = _cosines(dots, anchor_squared.unsqueeze(-1), candidate_squared) / temperature  # (T, A, S)
     num_positives = indices.positive_idx.shape[-1]
     positive_logits = logits[..., :num_positives]
     negative_logits = logits[..., num_positives:] + indices.negative_log_weight

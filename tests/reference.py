@@ -45,7 +45,8 @@ def contrastive_loss_literal(tokens, pairs, indices, temperature, token_mask=Non
     for t in range(outputs.shape[0]):
         total = outputs.new_zeros(())
         for slot in range(indices.anchor_idx.shape[1]):
-            normed = outputs[t] / outputs[t].norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+            norms = outputs[t].norm(dim=-1, keepdim=True)
+            normed = torch.where(norms > NORM_EPS, outputs[t] / norms.clamp_min(NORM_EPS), 0.0)  # no direction: 0
             q = normed[indices.anchor_idx[t, slot]]
             s_pos = normed[indices.positive_idx[t, slot]] @ q / temperature
             s_neg = normed[indices.negative_idx[t]] @ q / temperature + indices.negative_log_weight

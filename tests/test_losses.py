@@ -169,3 +169,15 @@ def test_router_z_loss_formula_and_padding():
     lse = torch.logsumexp(logits, -1)
     torch.testing.assert_close(router_z_loss(logits), lse.square().mean())
     torch.testing.assert_close(router_z_loss(logits, torch.tensor([1, 1, 0])), lse[:2].square().mean())
+
+
+def test_an_expert_with_zero_output_passes_no_gradient_instead_of_exploding():
+    down, up, tokens, topk_idx = experts(seed=4)
+    up[:, 5 * R : 6 * R] = 0  # expert 5 has never been trained: its output is exactly zero
+    up.requires_grad_(True)
+    indices = sample_contrastive_indices(topk_idx, N, "all", None)
+    loss = fast_loss(down, up, tokens, indices)
+    (grad_up,) = torch.autograd.grad(loss, (up,))
+    assert finite(grad_up)
+    assert grad_up[:, 5 * R : 6 * R].abs().sum() == 0
+    assert grad_up.norm() < 1e3  # clamping the zero norm at a tiny epsilon gave ~1e9 here
