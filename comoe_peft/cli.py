@@ -1,0 +1,122 @@
+"""`comoe-peft`: train, evaluate and analyse CoMoE against MoE-LoRA and LoRA from the command line.
+
+    comoe-peft train [--method M] [--tasks T] [--model P] [--dataset D] [--preset quick] [--seed S] --output-dir RUN
+    comoe-peft eval RUN [RUN ...]
+    comoe-peft analyze RUN
+
+Errors in the user's input (a missing model, an unknown task, a dataset with the wrong columns, a folder that
+cannot be written, a run of the wrong method) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `comoe-peft` (also used to document the command)."""
+    from .jobs import METHODS, PRESETS
+
+    parser = argparse.ArgumentParser(prog="comoe-peft", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="multi-task fine-tuning of one method into a run folder")
+    train.add_argument("--output-dir", required=True, help="run folder to create")
+    train.add_argument("--method", choices=METHODS, default="comoe",
+                       help="comoe (default), moe = the same experts without the contrastive term, or lora = "
+                            "peft LoRA with as many trainable parameters")
+    train.add_argument("--tasks", default="default",
+                       help="comma-separated tasks, e.g. bigbench:navigate,synthetic:arithmetic ('default' = the "
+                            "built-in mixture)")
+    train.add_argument("--dataset", help="your own examples instead of --tasks: JSON/JSONL/Parquet files, a folder "
+                                         "saved with datasets, or a cached hub dataset (columns task, prompt, "
+                                         "choices, answer)")
+    train.add_argument("--model", help="local model folder or cached hub id (default: SmolLM2-135M-Instruct)")
+    train.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                       help="quick: a smoke run of about a minute and a half; default: about 12 minutes on 2 CPU cores")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    train.add_argument("--cache-dir", help="where the model and task files are cached (default ~/.cache/comoe_peft)")
+    train.add_argument("--num-experts", type=int, default=4)
+    train.add_argument("--top-k", type=int, default=2)
+    train.add_argument("--rank", type=int, default=16, help="rank r of each expert")
+    train.add_argument("--contrastive-loss-coef", type=float, default=0.01, help="lambda (comoe only)")
+    train.add_argument("--contrastive-temperature", type=float, default=0.1, help="tau (comoe only)")
+    for name, kind in [("max-steps", int), ("batch-size", int), ("max-length", int), ("learning-rate", float),
+                       ("max-train-per-task", int), ("test-size", int)]:
+        train.add_argument(f"--{name}", type=kind, help="overrides the preset")
+
+    evaluate = commands.add_parser("eval", help="per-task accuracy of runs on their held-out examples")
+    evaluate.add_argument("runs", nargs="+", help="run folders written by `comoe-peft train`")
+    evaluate.add_argument("--overwrite", action="store_true", help="recompute stored results")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+
+    analyze = commands.add_parser("analyze", help="expert-specialisation report of a comoe or moe run")
+    analyze.add_argument("run", help="run folder written by `comoe-peft train`")
+    analyze.add_argument("--overwrite", action="store_true", help="redo an existing analysis")
+    analyze.add_argument("--max-examples-per-task", type=int)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .jobs import TrainOptions, train
+
+    options = TrainOptions(
+        output_dir=args.output_dir, method=args.method, tasks=args.tasks, dataset=args.dataset, model=args.model,
+        preset=args.preset, seed=args.seed, overwrite=args.overwrite, cache_dir=args.cache_dir,
+        num_experts=args.num_experts, top_k=args.top_k, rank=args.rank,
+        contrastive_loss_coef=args.contrastive_loss_coef, contrastive_temperature=args.contrastive_temperature,
+        max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
+        learning_rate=args.learning_rate, max_train_per_task=args.max_train_per_task, test_size=args.test_size,
+    )
+    folder = train(options)
+    print(f"run written to {folder}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .evaluation import format_table
+    from .jobs import evaluate_run
+    from .runs import open_run
+
+    results = {}
+    for run in args.runs:
+        folder, config = open_run(run)
+        name = config["method"] if len(args.runs) == 1 else f"{config['method']} ({folder.name})"
+        results[name] = evaluate_run(run, overwrite=args.overwrite, batch_size=args.batch_size)
+    print(format_table(results))
+
+
+def run_analyze(args: argparse.Namespace) -> None:
+    from .jobs import analyze_run
+
+    result = analyze_run(args.run, overwrite=args.overwrite, max_examples_per_task=args.max_examples_per_task)
+    summary = result.get("summary", {})
+    print("\n".join(f"{name}: {value:.4f}" for name, value in summary.items() if isinstance(value, float)))
+    print(f"report written to {os.path.join(result['run']['run_dir'], 'analysis')}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `comoe-peft` console script and of `python -m comoe_peft`."""
+    from .runs import RunError
+
+    args = build_parser().parse_args(argv)
+    handlers = {"train": run_train, "eval": run_eval, "analyze": run_analyze}
+    try:
+        handlers[args.command](args)
+    except RunError as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())
+        print(f"comoe-peft: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

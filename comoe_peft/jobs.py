@@ -1,0 +1,310 @@
+"""The main job behind the `comoe-peft` command: multi-task fine-tuning, evaluation and specialisation analysis.
+
+`train` fine-tunes one method (`comoe`, `moe` = the same experts without the contrastive term, or `lora` = peft
+LoRA at a matched number of trainable parameters) on a task mixture; `evaluate_runs` scores runs on their
+held-out examples; `analyze_run` writes the expert-specialisation report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from datasets import Dataset, load_from_disk
+
+from . import __version__
+from .config import CoMoEConfig
+from .data import format_prompt, load_examples, to_sft_dataset, train_test_split_per_task
+from .runs import (
+    ADAPTER_DIR,
+    ANALYSIS_DIR,
+    EVAL_RESULTS,
+    LOG_HISTORY,
+    RUN_CONFIG,
+    TEST_DATA_DIR,
+    TRAINER_DIR,
+    RunError,
+    finish_run,
+    open_run,
+    start_run,
+    write_json,
+)
+
+METHODS = ("comoe", "moe", "lora")
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+logger = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # about 1.5 minutes on a 2-core CPU once the model and the task files are cached
+    "quick": dict(max_steps=12, batch_size=4, max_length=96, learning_rate=1e-3, max_train_per_task=64,
+                  test_size=12, analysis_examples_per_task=8),
+    # about 12 minutes on a 2-core CPU
+    "default": dict(max_steps=150, batch_size=8, max_length=128, learning_rate=5e-4, max_train_per_task=600,
+                    test_size=100, analysis_examples_per_task=48),
+}
+
+
+@dataclass
+class TrainOptions:
+    """Everything `comoe-peft train` needs; the preset fills the fields left as None."""
+
+    output_dir: str
+    method: str = "comoe"
+    tasks: str = "default"
+    dataset: Optional[str] = None
+    model: Optional[str] = None
+    preset: str = "default"
+    seed: int = 0
+    overwrite: bool = False
+    cache_dir: Optional[str] = None
+    num_experts: int = 4
+    top_k: int = 2
+    rank: int = 16
+    lora_dropout: float = 0.05
+    contrastive_loss_coef: float = 0.01
+    contrastive_temperature: float = 0.1
+    max_steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    max_length: Optional[int] = None
+    learning_rate: Optional[float] = None
+    max_train_per_task: Optional[int] = None
+    test_size: Optional[int] = None
+    analysis_examples_per_task: Optional[int] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> "TrainOptions":
+        """A copy with every None field taken from the preset; checks the method and preset names."""
+        if self.method not in METHODS:
+            raise RunError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.preset not in PRESETS:
+            raise RunError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        values = {k: v for k, v in dataclasses.asdict(self).items()}
+        for name, value in PRESETS[self.preset].items():
+            if values[name] is None:
+                values[name] = value
+        return TrainOptions(**values)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_mixture(options: TrainOptions) -> Dataset:
+    """The examples to train and evaluate on: a user dataset (`--dataset`) or built-in tasks (`--tasks`)."""
+    from .tasks import load_tasks, parse_task_spec
+
+    try:
+        if options.dataset:
+            return load_examples(options.dataset)
+        parse_task_spec(options.tasks)  # cheap check before any download
+        cap = None if options.max_train_per_task is None else options.max_train_per_task + options.test_size
+        return load_tasks(options.tasks, seed=options.seed, max_examples_per_task=cap, cache_dir=options.cache_dir)
+    except (ValueError, FileNotFoundError) as error:
+        raise RunError(str(error)) from None
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def load_base_model(name_or_path: Optional[str], cache_dir: Optional[str] = None):
+    """The base model and tokenizer, resolved offline; a `RunError` with the reason if it cannot be loaded."""
+    from .pretrained import load_model_and_tokenizer, resolve_model_path
+
+    try:
+        path = resolve_model_path(name_or_path, cache_dir)
+        model, tokenizer = load_model_and_tokenizer(path, dtype=torch.float32)
+    except (ValueError, OSError, ModuleNotFoundError) as error:
+        raise RunError(str(error)) from None
+    return path, model, tokenizer
+
+
+def adapter_config(options: TrainOptions, model: torch.nn.Module):
+    """The peft config of a method: CoMoE, MoE-LoRA (CoMoE without the contrastive term) or matched LoRA."""
+    from peft import LoraConfig
+
+    if options.method in ("comoe", "moe"):
+        return CoMoEConfig(
+            r=options.rank,
+            lora_alpha=2 * options.rank,
+            lora_dropout=options.lora_dropout,
+            num_experts=options.num_experts,
+            top_k=options.top_k,
+            target_modules=TARGET_MODULES,
+            contrastive_loss_coef=options.contrastive_loss_coef if options.method == "comoe" else 0.0,
+            contrastive_temperature=options.contrastive_temperature,
+            task_type="CAUSAL_LM",
+        )
+    rank = matched_lora_rank(model, options.num_experts, options.rank)
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=options.lora_dropout,
+                      target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+
+
+def matched_lora_rank(model: torch.nn.Module, num_experts: int, rank: int) -> int:
+    """LoRA rank whose trainable parameters match CoMoE's N experts of rank r plus the routers on the targets."""
+    in_out, ins = 0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES:
+            in_out += module.in_features + module.out_features
+            ins += module.in_features
+    if in_out == 0:
+        raise RunError(f"the model has none of the target modules {TARGET_MODULES}; it is not a Llama-like model")
+    comoe_params = num_experts * rank * in_out + num_experts * ins
+    return max(1, round(comoe_params / in_out))
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def train(options: TrainOptions) -> Path:
+    """Fine-tune one method on the mixture and write a run folder; returns its path."""
+    options = options.resolved()
+    staging = start_run(options.output_dir, options.overwrite)
+    try:
+        mixture = load_mixture(options)  # data errors first: they are cheaper to find than a model load
+        try:
+            splits = train_test_split_per_task(mixture, options.test_size, options.seed, options.max_train_per_task)
+        except ValueError as error:
+            raise RunError(str(error)) from None
+        model_path, model, tokenizer = load_base_model(options.model, options.cache_dir)
+        trainer = build_trainer(options, model, tokenizer, splits["train"], staging / TRAINER_DIR)
+        trainer.train()
+        trainer.model.save_pretrained(staging / ADAPTER_DIR)
+        splits["test"].save_to_disk(str(staging / TEST_DATA_DIR))
+        write_json(staging / LOG_HISTORY, trainer.state.log_history)
+        write_json(staging / RUN_CONFIG, run_record(options, model_path, splits, trainer))
+        return finish_run(staging, options.output_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, output_dir: Path):
+    """`CoMoESFTTrainer` for comoe / moe, TRL's `SFTTrainer` for lora, with the preset's settings."""
+    from trl import SFTConfig, SFTTrainer
+
+    from .trainer import CoMoESFTConfig, CoMoESFTTrainer
+
+    on_gpu = torch.cuda.is_available()
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=options.max_steps,
+        per_device_train_batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, options.max_steps // 20),
+        logging_steps=max(1, options.max_steps // 30),
+        save_strategy="no",
+        report_to="none",
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        gradient_checkpointing=False,
+        max_length=options.max_length,
+        seed=options.seed,
+        dataloader_num_workers=0,
+        **options.extra,
+    )
+    dataset = to_sft_dataset(train_rows).remove_columns(["task"]).shuffle(seed=options.seed)
+    peft_config = adapter_config(options, model)
+    if options.method == "lora":
+        return SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=peft_config)
+    return CoMoESFTTrainer(model=model, args=CoMoESFTConfig(**settings), train_dataset=dataset,
+                           processing_class=tokenizer, peft_config=peft_config)
+
+
+def run_record(options: TrainOptions, model_path: str, splits, trainer) -> dict[str, Any]:
+    """What `run_config.json` stores: options, resolved model, data sizes, trainable parameters, versions."""
+    import peft
+    import transformers
+    import trl
+
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    tasks = sorted(set(splits["test"]["task"]))
+    return {
+        "options": dataclasses.asdict(options),
+        "method": options.method,
+        "model_path": model_path,
+        "tasks": tasks,
+        "train_examples": len(splits["train"]),
+        "test_examples": len(splits["test"]),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "adapter_type": type(trainer.model.peft_config["default"]).__name__,
+        "train_runtime_s": trainer.state.log_history[-1].get("train_runtime"),
+        "versions": {"comoe_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "trl": trl.__version__, "python": platform.python_version()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- eval / analyze
+
+
+def load_run_model(run_dir: Path, config: dict[str, Any]):
+    """The base model with the run's adapter loaded (eval mode), and the tokenizer."""
+    import comoe_peft  # noqa: F401  (the COMOE type must be registered before loading)
+    from peft import PeftModel
+
+    _, model, tokenizer = load_base_model(config["model_path"])
+    model = PeftModel.from_pretrained(model, str(run_dir / ADAPTER_DIR))
+    return model.eval(), tokenizer
+
+
+def evaluate_run(run_dir: str, overwrite: bool = False, batch_size: int = 16) -> dict[str, Any]:
+    """Per-task accuracy of a run on its held-out examples; stored in `eval_results.json` (reused unless
+    `overwrite`)."""
+    from .evaluation import evaluate
+
+    folder, config = open_run(run_dir)
+    stored = folder / EVAL_RESULTS
+    if stored.is_file() and not overwrite:
+        return json.loads(stored.read_text(encoding="utf-8"))
+    model, tokenizer = load_run_model(folder, config)
+    test = load_from_disk(str(folder / TEST_DATA_DIR))
+    results = evaluate(model, tokenizer, test, format_prompt, batch_size=batch_size)
+    write_json(stored, results)
+    return results
+
+
+def analyze_run(run_dir: str, overwrite: bool = False, max_examples_per_task: Optional[int] = None) -> dict:
+    """The expert-specialisation report of a CoMoE or MoE run, written to `RUN/analysis/`."""
+    from .analysis import analyze_model, write_report
+
+    folder, config = open_run(run_dir)
+    if config["method"] not in ("comoe", "moe"):
+        raise RunError(
+            f"'{folder}' was trained with --method {config['method']}, which has no experts to analyse; "
+            "analyze a run trained with --method comoe or --method moe"
+        )
+    out_dir = folder / ANALYSIS_DIR
+    if (out_dir / "analysis.json").is_file() and not overwrite:
+        raise RunError(f"'{out_dir}' already holds an analysis; pass --overwrite to redo it")
+    model, tokenizer = load_run_model(folder, config)
+    test = load_from_disk(str(folder / TEST_DATA_DIR))
+    per_task = max_examples_per_task or config["options"].get("analysis_examples_per_task") or 48
+    result = analyze_model(model, tokenizer, test, max_examples_per_task=per_task,
+                           max_length=config["options"].get("max_length") or 128, seed=config["options"]["seed"])
+    result["run"] = {"method": config["method"], "run_dir": str(folder)}
+    write_report(result, out_dir)
+    return result
+
+
+__all__ = [
+    "METHODS",
+    "PRESETS",
+    "TrainOptions",
+    "train",
+    "evaluate_run",
+    "analyze_run",
+    "matched_lora_rank",
+    "adapter_config",
+    "RUN_CONFIG",
+]

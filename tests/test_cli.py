@@ -1,0 +1,157 @@
+"""The `comoe-peft` command: argument and input errors, and a quick end-to-end run on a tiny local model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from comoe_peft.cli import main
+from comoe_peft.jobs import PRESETS, matched_lora_rank
+from comoe_peft.runs import RunError, finish_run, start_run
+from conftest import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def examples_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "examples.jsonl"
+    rows = []
+    for i in range(24):
+        rows.append({"task": "sentiment", "prompt": f"review {i}: a wonderful film", "choices": ["positive", "negative"],
+                     "answer": "positive" if i % 3 else "negative"})
+        rows.append({"task": "arithmetic", "prompt": f"what is {i} plus 1?", "choices": [], "answer": str(i + 1)})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def quick(tiny_model_dir, examples_file, run_dir, *extra):
+    return main(["train", "--model", str(tiny_model_dir), "--dataset", str(examples_file), "--preset", "quick",
+                 "--max-steps", "3", "--test-size", "4", "--rank", "2", "--output-dir", str(run_dir), *extra])
+
+
+def error_line(capsys):
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "comoe-peft" in line]
+    assert len(err) == 1 and err[0].startswith("comoe-peft: error: "), err
+    return err[0]
+
+
+def test_argparse_errors_exit_2(capsys):
+    for argv in (["train"], ["train", "--output-dir", "x", "--method", "dora"], ["nonsense"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+
+
+def test_unknown_task_is_one_line_exit_2(tmp_path, capsys, tiny_model_dir):
+    code = main(["train", "--model", str(tiny_model_dir), "--tasks", "bigbench:navigate,nosuch:task",
+                 "--output-dir", str(tmp_path / "run")])
+    assert code == 2 and "unknown task 'nosuch:task'" in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_model_is_one_line_exit_2(tmp_path, capsys, examples_file):
+    code = main(["train", "--model", str(tmp_path / "no-model"), "--dataset", str(examples_file), "--test-size", "4",
+                 "--output-dir", str(tmp_path / "run")])
+    assert code == 2 and "does not exist" in error_line(capsys)
+
+
+def test_dataset_with_wrong_columns(tmp_path, capsys, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "label": 1}))
+    code = main(["train", "--model", str(tiny_model_dir), "--dataset", str(bad), "--output-dir", str(tmp_path / "r")])
+    line = error_line(capsys)
+    assert code == 2 and "missing" in line and "prompt" in line
+
+
+def test_unwritable_output_folder(tmp_path, capsys, tiny_model_dir, examples_file):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = quick(tiny_model_dir, examples_file, blocker / "run")
+    assert code == 2 and "cannot write the output folder" in error_line(capsys)
+
+
+def test_existing_run_folder_is_not_touched_without_overwrite(tmp_path, capsys, tiny_model_dir, examples_file):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    code = quick(tiny_model_dir, examples_file, run)
+    assert code == 2 and "--overwrite" in error_line(capsys)
+    assert (run / "precious.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging folder left behind
+
+
+def test_staging_is_moved_into_place_only_at_the_end(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "old.txt").write_text("old")
+    staging = start_run(run, overwrite=True)
+    assert (run / "old.txt").exists()  # the old run survives until the new one is complete
+    (staging / "new.txt").write_text("new")
+    finish_run(staging, run)
+    assert sorted(p.name for p in run.iterdir()) == ["new.txt"]
+    with pytest.raises(RunError, match="already holds files"):
+        start_run(run, overwrite=False)
+
+
+def test_eval_and_analyze_refuse_folders_that_are_not_runs(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a comoe-peft run folder" in error_line(capsys)
+    assert main(["analyze", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in error_line(capsys)
+
+
+def test_matched_lora_rank():
+    model = tiny_llama()  # q, o: 32 -> 32; k, v: 32 -> 16; 2 layers
+    in_out = 2 * (64 + 48 + 48 + 64)
+    ins = 2 * 4 * 32
+    assert matched_lora_rank(model, num_experts=4, rank=4) == round((4 * 4 * in_out + 4 * ins) / in_out)
+
+
+def test_presets_name_every_tunable_field():
+    assert set(PRESETS["quick"]) == set(PRESETS["default"])
+
+
+@pytest.mark.slow
+def test_quick_end_to_end_three_methods_eval_table_and_analysis(tmp_path, capsys, tiny_model_dir, examples_file):
+    for method in ("comoe", "moe", "lora"):
+        assert quick(tiny_model_dir, examples_file, tmp_path / method, "--method", method) == 0
+        config = json.loads((tmp_path / method / "run_config.json").read_text())
+        assert config["method"] == method and config["test_examples"] == 8
+        assert (tmp_path / method / "adapter" / "adapter_config.json").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "comoe"), str(tmp_path / "moe"), str(tmp_path / "lora")]) == 0
+    table = capsys.readouterr().out
+    for name in ("comoe (comoe)", "moe (moe)", "lora (lora)", "sentiment", "arithmetic", "overall"):
+        assert name in table
+    results = json.loads((tmp_path / "comoe" / "eval_results.json").read_text())
+    assert results["sentiment"]["n"] == 4 and 0 <= results["overall"]["accuracy"] <= 1
+
+    assert main(["analyze", str(tmp_path / "lora")]) == 2
+    assert "has no experts to analyse" in error_line(capsys)
+    assert main(["analyze", str(tmp_path / "comoe")]) == 0
+    assert (tmp_path / "comoe" / "analysis" / "analysis.json").is_file()
+    assert (tmp_path / "comoe" / "analysis" / "analysis.md").is_file()
+    assert main(["analyze", str(tmp_path / "comoe")]) == 2  # no silent overwrite
+    assert "--overwrite" in error_line(capsys)
+
+    # the same data and seed give the same held-out split for every method
+    from datasets import load_from_disk
+
+    tests = [load_from_disk(str(tmp_path / m / "data" / "test"))["prompt"] for m in ("comoe", "moe", "lora")]
+    assert tests[0] == tests[1] == tests[2]
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "comoe_peft", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "train" in out.stdout and "analyze" in out.stdout
