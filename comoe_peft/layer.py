@@ -147,12 +147,14 @@ class CoMoELayer(BaseTunerLayer):
     # ------------------------------------------------------------------ merging is impossible
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Always raises: routed experts cannot be folded into the base weight (see `raise_merge_error`)."""
         raise_merge_error()
 
     def unmerge(self) -> None:
         """Nothing to undo: CoMoE adapters are never merged."""
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Always raises: the adapted layer's weight change depends on the token, so there is no single delta."""
         raise_merge_error()
 
     # ------------------------------------------------------------------ recorded losses and statistics
@@ -200,6 +202,7 @@ class Linear(nn.Module, CoMoELayer):
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, settings, init_weights, router_init_std)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The frozen layer's output plus, for each active adapter, the gated sum of its top-k experts."""
         if kwargs.pop("adapter_names", None) is not None:
             raise ValueError("CoMoE does not support mixed-adapter batches (`adapter_names`); use set_adapter.")
         result = self.base_layer(x, *args, **kwargs)
@@ -315,6 +318,6 @@ def raise_merge_error() -> None:
     """CoMoE adapters cannot be merged into the base weight; raise an error that says why and what to do."""
     raise NotImplementedError(
         "CoMoE adapters cannot be merged into the base weights: the experts are chosen per token by the router, so "
-        "no single weight matrix equals the adapted layer. Keep the adapter unmerged (inference stays sparse and "
-        "costs about as much as LoRA at rank top_k * r), or use `unload()` to get the base model back without it."
+        "no single weight matrix equals the adapted layer. Keep the adapter unmerged (it adds the routing and a "
+        "small rank-space computation to each adapted layer), or use `unload()` to get the base model back."
     )

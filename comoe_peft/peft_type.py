@@ -30,3 +30,4 @@ def _add_peft_type_member(name: str) -> PeftType:
 
 
 COMOE: PeftType = _add_peft_type_member(COMOE_NAME)
+"""The `PeftType.COMOE` member this package adds; `CoMoEConfig.peft_type` is always this value."""

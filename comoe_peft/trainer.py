@@ -72,12 +72,17 @@ def find_comoe_model(model: torch.nn.Module) -> CoMoEModel:
 class CoMoETrainerMixin:
     """Adds the CoMoE auxiliary losses and `comoe/*` metrics to a `transformers.Trainer` subclass.
 
-    Use it first in the bases: `class MyTrainer(CoMoETrainerMixin, Trainer)`. The losses of each micro-batch are
+    Use it first in the bases: `class MyTrainer(CoMoETrainerMixin, Trainer)`; its `__init__` runs the trainer's
+    own and then finds the CoMoE adapter (an error if the model has none). The losses of each micro-batch are
     divided by the number of gradient-accumulation steps whenever the task loss is normalised over the whole
     accumulated batch (`num_items_in_batch` given), so accumulation gives the same gradient as one large batch.
     Logged each logging step, in training and evaluation: `comoe/contrastive`, `comoe/balance`, `comoe/z`,
     `comoe/routing_entropy`, `comoe/expert_load_cv` and `comoe/infonce_bound` (log M - L_con, M negatives).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._comoe_setup()
 
     def _comoe_setup(self) -> None:
         self.comoe_model = find_comoe_model(self.model)
@@ -173,24 +178,20 @@ class CoMoESFTTrainer(CoMoETrainerMixin, SFTTrainer):
 
     Example:
         ```python
+        from comoe_peft import CoMoEConfig
+        from comoe_peft.trainer import CoMoESFTConfig, CoMoESFTTrainer
+
         trainer = CoMoESFTTrainer(
             model=base_model,
-            args=CoMoESFTConfig(output_dir="run", max_steps=100),
+            args=CoMoESFTConfig(output_dir="run", max_steps=100),  # on a CPU: use_cpu=True, bf16=False
             train_dataset=dataset,
+            processing_class=tokenizer,
             peft_config=CoMoEConfig(num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"]),
         )
         trainer.train()
         ```
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._comoe_setup()
-
 
 class CoMoETrainer(CoMoETrainerMixin, Trainer):
     """A plain `transformers.Trainer` with the CoMoE auxiliary losses and metrics (see `CoMoETrainerMixin`)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._comoe_setup()
