@@ -33,5 +33,6 @@ def test_bash_blocks_name_what_exists():
         assert (ROOT / name).is_file(), name
     subcommands = set(re.findall(r"comoe-peft (\w+)", commands))
     assert subcommands == {"train", "eval", "analyze"}
-    ci = (ROOT / ".ci" / "run").read_text()
-XX
+    test_command = re.search(r"## Test\n\n```bash\n(.*?)\n```", README, flags=re.S).group(1).strip()
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci_lines  # CI runs exactly the README's test command
