@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from comoe_peft.jobs import TrainOptions, analyze_run, evaluate_run, train
 from comoe_peft.runs import RUN_CONFIG, write_json
@@ -27,7 +27,7 @@ from comoe_peft.runs import RUN_CONFIG, write_json
 T_CRITICAL_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default="benchmarks/results/quality")
     parser.add_argument("--methods", nargs="+", default=["comoe", "moe", "lora"])
@@ -129,7 +129,7 @@ def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argpar
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.time()
     results = [run_one(args, f"{m}-s{s}", m, s) for s in args.seeds for m in args.methods]

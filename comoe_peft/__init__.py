@@ -15,4 +15,4 @@ __version__ = "0.1.0"
 
 register()
 
-__all__ = ["COMOE", "CoMoEConfig", "CoMoELayer", "CoMoEModel", "RoutingStats", "register", "__version__"]
+__all__ = ["COMOE", "CoMoEConfig", "CoMoELayer", "CoMoEModel", "RoutingStats", "__version__", "register"]

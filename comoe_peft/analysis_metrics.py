@@ -9,7 +9,8 @@ divergence lies in ``[0, log 2]``.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -67,7 +67,7 @@ class ExpertLoadHistoryCallback(TrainerCallback):
 
     def write(self, path: str) -> None:
         """Write the history to `path` atomically (a temporary file in the same folder, then a rename)."""
-        num_experts: Optional[int] = None
+        num_experts: int | None = None
         if self.history and self.history[-1]["expert_load"]:
             num_experts = len(next(iter(self.history[-1]["expert_load"].values())))
         payload = {"num_experts": num_experts, "history": self.history}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 EXIT_USAGE = 2
 
@@ -101,7 +101,7 @@ def run_analyze(args: argparse.Namespace) -> None:
     print(f"report written to {os.path.join(result['run']['run_dir'], 'analysis')}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `comoe-peft` console script and of `python -m comoe_peft`."""
     from .runs import RunError
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -42,27 +42,27 @@ class CoMoEConfig(PeftConfig):
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input (not the router's)."})
     num_experts: int = field(default=4, metadata={"help": "Number of LoRA experts per adapted layer (N)."})
     top_k: int = field(default=2, metadata={"help": "Number of experts each token activates (k)."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Module names (suffix match) or a regex (full match) to adapt, or 'all-linear' for every linear "
             "layer except the output head. If None, the default of the model architecture is used (as in LoRA)."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex that must not be adapted."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Adapt only these layer indices (as in LoRA)."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None,
         metadata={"help": "Name of the layer list (e.g. 'layers' or 'h'), used with layers_to_transform."},
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules that are fully trained and saved with the adapter."}
     )
-    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
         default=None, metadata={"help": "Token indices whose embeddings are trained (peft's trainable tokens)."}
     )
     fan_in_fan_out: bool = field(
@@ -90,7 +90,7 @@ class CoMoEConfig(PeftConfig):
     contrastive_temperature: float = field(
         default=0.1, metadata={"help": "Temperature tau of the contrastive logits (cosine / tau)."}
     )
-    num_negatives: Optional[int] = field(
+    num_negatives: int | None = field(
         default=None,
         metadata={
             "help": "Inactive experts sampled per token as negatives; None = all N - k inactive experts. Sampled "
@@ -104,7 +104,7 @@ class CoMoEConfig(PeftConfig):
             "'all': every activated expert is an anchor in turn (the paper's Eq. 12)."
         },
     )
-    contrastive_layers: Optional[list[int]] = field(
+    contrastive_layers: list[int] | None = field(
         default=None,
         metadata={"help": "Layer indices that compute the contrastive loss (experts stay everywhere); None = all."},
     )

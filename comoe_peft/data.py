@@ -214,7 +214,7 @@ def _pick_split(loaded: Dataset | DatasetDict, split: str | None, source: str) -
 
 
 def train_test_split_per_task(
-    dataset: Dataset, test_size: int | float, seed: int, max_train_per_task: int | None = None
+    dataset: Dataset, test_size: float, seed: int, max_train_per_task: int | None = None
 ) -> DatasetDict:
     """Hold out examples from every task with a fixed seed.
 
@@ -251,7 +251,7 @@ def train_test_split_per_task(
     return DatasetDict(train=dataset.select(sorted(train)), test=dataset.select(sorted(test)))
 
 
-def _check_test_size(test_size: int | float) -> None:
+def _check_test_size(test_size: float) -> None:
     if isinstance(test_size, bool) or not isinstance(test_size, (int, float)):
         raise ValueError(f"test_size must be an int count or a float fraction, got {test_size!r}")
     if isinstance(test_size, int) and test_size < 1:

@@ -14,7 +14,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from datasets import Dataset, load_from_disk
@@ -22,6 +22,7 @@ from datasets import Dataset, load_from_disk
 from . import __version__
 from .config import CoMoEConfig
 from .data import format_prompt, load_examples, to_sft_dataset, train_test_split_per_task
+from .registration import write_loading_note
 from .runs import (
     ADAPTER_DIR,
     ANALYSIS_DIR,
@@ -58,28 +59,28 @@ class TrainOptions:
     output_dir: str
     method: str = "comoe"
     tasks: str = "default"
-    dataset: Optional[str] = None
-    model: Optional[str] = None
+    dataset: str | None = None
+    model: str | None = None
     preset: str = "default"
     seed: int = 0
     overwrite: bool = False
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     num_experts: int = 4
     top_k: int = 2
     rank: int = 16
     lora_dropout: float = 0.05
     contrastive_loss_coef: float = 0.01
     contrastive_temperature: float = 0.1
-    max_steps: Optional[int] = None
-    batch_size: Optional[int] = None
-    max_length: Optional[int] = None
-    learning_rate: Optional[float] = None
-    max_train_per_task: Optional[int] = None
-    test_size: Optional[int] = None
-    analysis_examples_per_task: Optional[int] = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    max_length: int | None = None
+    learning_rate: float | None = None
+    max_train_per_task: int | None = None
+    test_size: int | None = None
+    analysis_examples_per_task: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def resolved(self) -> "TrainOptions":
+    def resolved(self) -> TrainOptions:
         """A copy with every None field taken from the preset; checks the method and preset names."""
         if self.method not in METHODS:
             raise RunError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -112,7 +113,7 @@ def load_mixture(options: TrainOptions) -> Dataset:
 # ---------------------------------------------------------------------------------------------- model
 
 
-def load_base_model(name_or_path: Optional[str], cache_dir: Optional[str] = None):
+def load_base_model(name_or_path: str | None, cache_dir: str | None = None):
     """The base model and tokenizer, resolved offline; a `RunError` with the reason if it cannot be loaded."""
     from .pretrained import load_model_and_tokenizer, resolve_model_path
 
@@ -175,6 +176,8 @@ def train(options: TrainOptions) -> Path:
         trainer = build_trainer(options, model, tokenizer, splits["train"], staging / TRAINER_DIR)
         trainer.train()
         trainer.model.save_pretrained(staging / ADAPTER_DIR)
+        if options.method != "lora":
+            write_loading_note(str(staging / ADAPTER_DIR))
         splits["test"].save_to_disk(str(staging / TEST_DATA_DIR))
         write_json(staging / LOG_HISTORY, trainer.state.log_history)
         write_json(staging / RUN_CONFIG, run_record(options, model_path, splits, trainer))
@@ -250,8 +253,9 @@ def run_record(options: TrainOptions, model_path: str, splits, trainer) -> dict[
 
 def load_run_model(run_dir: Path, config: dict[str, Any]):
     """The base model with the run's adapter loaded (eval mode), and the tokenizer."""
-    import comoe_peft  # noqa: F401  (the COMOE type must be registered before loading)
     from peft import PeftModel
+
+    import comoe_peft  # noqa: F401  (the COMOE type must be registered before loading)
 
     _, model, tokenizer = load_base_model(config["model_path"])
     model = PeftModel.from_pretrained(model, str(run_dir / ADAPTER_DIR))
@@ -274,7 +278,7 @@ def evaluate_run(run_dir: str, overwrite: bool = False, batch_size: int = 16) ->
     return results
 
 
-def analyze_run(run_dir: str, overwrite: bool = False, max_examples_per_task: Optional[int] = None) -> dict:
+def analyze_run(run_dir: str, overwrite: bool = False, max_examples_per_task: int | None = None) -> dict:
     """The expert-specialisation report of a CoMoE or MoE run, written to `RUN/analysis/`."""
     from .analysis import analyze_model, write_report
 
@@ -300,11 +304,11 @@ def analyze_run(run_dir: str, overwrite: bool = False, max_examples_per_task: Op
 __all__ = [
     "METHODS",
     "PRESETS",
-    "TrainOptions",
-    "train",
-    "evaluate_run",
-    "analyze_run",
-    "matched_lora_rank",
-    "adapter_config",
     "RUN_CONFIG",
+    "TrainOptions",
+    "adapter_config",
+    "analyze_run",
+    "evaluate_run",
+    "matched_lora_rank",
+    "train",
 ]

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from torch import nn
 
 from .losses import contrastive_loss, load_balancing_loss, masked_mean, router_z_loss, sample_contrastive_indices
 
@@ -35,7 +35,7 @@ class ExpertSettings:
     router_jitter_noise: float
     contrastive: bool
     contrastive_temperature: float
-    num_negatives: Optional[int]
+    num_negatives: int | None
     anchor: str
 
 
@@ -64,11 +64,11 @@ class ForwardContext:
     """
 
     def __init__(self) -> None:
-        self.attention_mask: Optional[torch.Tensor] = None
+        self.attention_mask: torch.Tensor | None = None
         self.forward_id: int = 0
         self.record_in_eval: bool = False  # set by the trainers during evaluation, for the eval metrics
 
-    def token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         """The (T,) mask of valid tokens for an input x of shape (batch, seq, d), or None if it does not apply."""
         mask = self.attention_mask
         if mask is None or x.dim() != 3 or mask.dim() != 2:
@@ -98,7 +98,7 @@ class CoMoELayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.cast_input_dtype_enabled = True
-        self.forward_context: Optional[ForwardContext] = None
+        self.forward_context: ForwardContext | None = None
         self._recorded: dict[str, tuple[int, dict[str, torch.Tensor], RoutingStats]] = {}
         in_features, out_features = _get_in_out_features(self.get_base_layer())
         self.in_features = in_features
@@ -146,7 +146,7 @@ class CoMoELayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ merging is impossible
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Always raises: routed experts cannot be folded into the base weight (see `raise_merge_error`)."""
         raise_merge_error()
 
@@ -164,7 +164,7 @@ class CoMoELayer(BaseTunerLayer):
         entry = self._current_entry(adapter_name)
         return entry[1] if entry is not None else {}
 
-    def recorded_routing_stats(self, adapter_name: str) -> Optional[RoutingStats]:
+    def recorded_routing_stats(self, adapter_name: str) -> RoutingStats | None:
         """The routing statistics recorded for `adapter_name` in the current forward, or None."""
         entry = self._current_entry(adapter_name)
         return entry[2] if entry is not None else None
@@ -303,7 +303,7 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def routing_stats(probs: torch.Tensor, topk_idx: torch.Tensor, token_mask: Optional[torch.Tensor]) -> RoutingStats:
+def routing_stats(probs: torch.Tensor, topk_idx: torch.Tensor, token_mask: torch.Tensor | None) -> RoutingStats:
     """Expert load and routing entropy over the valid tokens (no host synchronisation)."""
     num_tokens, num_experts = probs.shape
     weights = torch.ones(num_tokens, device=probs.device) if token_mask is None else token_mask.float()

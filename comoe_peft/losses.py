@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
@@ -49,7 +49,7 @@ def sample_contrastive_indices(
     topk_idx: torch.Tensor,
     num_experts: int,
     anchor: Literal["random", "all"] = "random",
-    num_negatives: Optional[int] = None,
+    num_negatives: int | None = None,
 ) -> ContrastiveIndices:
     """Draw the anchors and negatives of every token from its activated experts `topk_idx` (T, k).
 
@@ -181,7 +181,7 @@ def contrastive_loss(
     expert_up: torch.Tensor,
     indices: ContrastiveIndices,
     temperature: float,
-    token_mask: Optional[torch.Tensor] = None,
+    token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CoMoE's contrastive loss (Algorithm 1 of the paper), averaged over the valid tokens.
 
@@ -208,7 +208,7 @@ def contrastive_loss(
 
 
 def load_balancing_loss(
-    router_logits: torch.Tensor, top_k: int, token_mask: Optional[torch.Tensor] = None
+    router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Switch-Transformer load-balancing loss of one adapted layer, via transformers' Mixtral implementation.
 
@@ -218,14 +218,14 @@ def load_balancing_loss(
     return load_balancing_loss_func((router_logits.float(),), num_experts, top_k, attention_mask=token_mask)
 
 
-def router_z_loss(router_logits: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over valid tokens of logsumexp(router_logits)^2 (the formula of transformers'
     `router_z_loss_func`, with padding tokens left out)."""
     log_z = torch.logsumexp(router_logits.float(), dim=-1)  # (T,)
     return masked_mean(log_z.square(), token_mask)
 
 
-def masked_mean(values: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of `values` (T,) over the tokens whose mask is 1 (all tokens if the mask is None); 0 if none count."""
     if token_mask is None:
         return values.mean()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import CoMoEConfig
@@ -124,13 +124,13 @@ class CoMoEModel(BaseTuner):
                     collected.setdefault(name, []).append(value)
         return {name: torch.stack(values).mean() for name, values in collected.items()}
 
-    def get_aux_loss(self) -> Optional[torch.Tensor]:
+    def get_aux_loss(self) -> torch.Tensor | None:
         """The weighted sum of the auxiliary losses of the last forward, with each active adapter's coefficients.
 
         Add it to the task loss in a custom training loop (`CoMoESFTTrainer` does this for you). None if nothing
         was recorded (eval mode, or every coefficient is zero).
         """
-        total: Optional[torch.Tensor] = None
+        total: torch.Tensor | None = None
         for adapter_name in self.active_adapters:
             config = self.peft_config[adapter_name]
             for name, value in self._adapter_aux_losses(adapter_name).items():
@@ -208,7 +208,7 @@ def _in_contrastive_layers(config: CoMoEConfig, current_key: str) -> bool:
     return index in config.contrastive_layers
 
 
-def layer_index(module_key: str, layers_pattern: Optional[list[str] | str] = None) -> Optional[int]:
+def layer_index(module_key: str, layers_pattern: list[str] | str | None = None) -> int | None:
     """The transformer-layer index in a module name ('model.layers.3.self_attn.q_proj' -> 3), read the way peft's
     `layers_to_transform` reads it: the first numbered segment, or the one after `layers_pattern`."""
     if not layers_pattern:

@@ -27,3 +27,41 @@ def register() -> None:
 def is_registered() -> bool:
     """Whether peft currently knows the `COMOE` type (and its prefix `comoe_`)."""
     return PEFT_TYPE_TO_PREFIX_MAPPING.get(COMOE) == CoMoEModel.prefix
+
+
+LOADING_NOTE_MARKER = "<!-- comoe_peft loading note -->"
+LOADING_NOTE = f"""{LOADING_NOTE_MARKER}
+## Loading this CoMoE adapter
+
+This adapter was trained with [comoe_peft](https://arxiv.org/abs/2505.17553) (peft type `COMOE`). peft only knows
+that type once the plugin is imported, so import it first; otherwise peft raises `KeyError: 'COMOE'`:
+
+```python
+import comoe_peft  # registers the COMOE peft type
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(base_model, "path/to/this/folder")
+```
+"""
+
+
+def write_loading_note(folder: str) -> None:
+    """Add a "how to load" section (import comoe_peft first) to the model card (README.md) of a saved adapter.
+
+    Placed after the card's YAML front matter; written once (atomically), kept if the card is rewritten by peft.
+    """
+    import os
+    import tempfile
+
+    path = os.path.join(folder, "README.md")
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+    if LOADING_NOTE_MARKER in text:
+        return
+    head, body = "", text
+    if text.startswith("---\n") and "\n---\n" in text[4:]:
+        end = text.index("\n---\n", 4) + len("\n---\n")
+        head, body = text[:end], text[end:]
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as handle:
+        handle.write(head + "\n" + LOADING_NOTE + "\n" + body)
+        temporary = handle.name
+    os.replace(temporary, path)

@@ -8,9 +8,10 @@ and logs the `comoe/*` metrics. `CoMoETrainerMixin` gives the same to a plain `t
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -18,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .callbacks import ExpertLoadHistoryCallback
 from .model import AUX_LOSS_COEF_FIELDS, CoMoEModel
+from .registration import write_loading_note
 
 METRIC_PREFIX = "comoe/"
 
@@ -29,13 +31,13 @@ class CoMoEArgumentsMixin:
     They have their own names: TRL's `router_aux_loss_coef` is for MoE base models and refuses other models.
     """
 
-    comoe_contrastive_loss_coef: Optional[float] = field(
+    comoe_contrastive_loss_coef: float | None = field(
         default=None, metadata={"help": "Overrides CoMoEConfig.contrastive_loss_coef when set."}
     )
-    comoe_router_aux_loss_coef: Optional[float] = field(
+    comoe_router_aux_loss_coef: float | None = field(
         default=None, metadata={"help": "Overrides CoMoEConfig.router_aux_loss_coef when set."}
     )
-    comoe_router_z_loss_coef: Optional[float] = field(
+    comoe_router_z_loss_coef: float | None = field(
         default=None, metadata={"help": "Overrides CoMoEConfig.router_z_loss_coef when set."}
     )
     comoe_expert_load_history: bool = field(
@@ -130,7 +132,7 @@ class CoMoETrainerMixin:
         self._record_comoe_metrics(aux_losses, "train" if model.training else "eval")
         return (loss, outputs) if return_outputs else loss
 
-    def _weighted_aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    def _weighted_aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> torch.Tensor | None:
         total = None
         for name, coefficient in self.comoe_loss_coefficients().items():
             if coefficient > 0 and name in aux_losses:
@@ -158,6 +160,13 @@ class CoMoETrainerMixin:
     def _num_negatives(self) -> int:
         config = self.comoe_model.peft_config[self.comoe_model.active_adapters[0]]
         return config.num_negatives or (config.num_experts - config.top_k)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Save as the base trainer does, then add a "import comoe_peft first" note to the adapter's model card."""
+        super()._save(output_dir, state_dict=state_dict)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and os.path.isdir(folder):
+            write_loading_note(folder)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "train" if self.model.training else "eval"

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
 
-import comoe_peft  # noqa: E402,F401  (registers the COMOE peft type)
+import comoe_peft  # noqa: F401  (registers the COMOE peft type)
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 128):

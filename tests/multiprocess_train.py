@@ -11,11 +11,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(1)
 
-from datasets import Dataset  # noqa: E402
+from conftest import multitask_rows, tiny_llama, tiny_tokenizer
+from datasets import Dataset
 
-from comoe_peft import CoMoEConfig  # noqa: E402
-from comoe_peft.trainer import CoMoESFTConfig, CoMoESFTTrainer  # noqa: E402
-from conftest import multitask_rows, tiny_llama, tiny_tokenizer  # noqa: E402
+from comoe_peft import CoMoEConfig
+from comoe_peft.trainer import CoMoESFTConfig, CoMoESFTTrainer
 
 
 def main(output_dir: str) -> None:

@@ -65,4 +65,4 @@ def finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-__all__ = ["expert_matrices", "moe_lora_loop", "contrastive_loss_literal", "finite", "math"]
+__all__ = ["contrastive_loss_literal", "expert_matrices", "finite", "math", "moe_lora_loop"]

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tiny_llama, tiny_tokenizer
 
 from comoe_peft.cli import main
 from comoe_peft.jobs import PRESETS, matched_lora_rank
 from comoe_peft.runs import RunError, finish_run, start_run
-from conftest import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from peft import PeftType
 
 from comoe_peft import CoMoEConfig
-from peft import PeftType
 
 
 @pytest.mark.parametrize(

@@ -184,7 +184,7 @@ def test_score_choices_picks_the_preferred_choice(prefers_yes, tokenizer):
 
 
 def test_evaluate_counts_accuracy_per_task(prefers_yes, tokenizer, monkeypatch):
-    yes_no = lambda answer: {"choices": ["yes", "no"], "answer": answer}  # noqa: E731
+    yes_no = lambda answer: {"choices": ["yes", "no"], "answer": answer}
     rows = [
         {"task": "a", "prompt": "1", **yes_no("yes")},
         {"task": "a", "prompt": "2", **yes_no("no")},

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from reference import contrastive_loss_literal, finite
 
 from comoe_peft.losses import (
     contrastive_logits,
@@ -14,7 +15,6 @@ from comoe_peft.losses import (
     router_z_loss,
     sample_contrastive_indices,
 )
-from reference import contrastive_loss_literal, finite
 
 N, R, D_IN, D_OUT, T = 6, 3, 10, 9, 14
 

@@ -7,11 +7,11 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama, token_batch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from comoe_peft import CoMoEConfig, CoMoELayer
-from conftest import tiny_gpt2, tiny_llama, token_batch
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

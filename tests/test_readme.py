@@ -14,7 +14,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
 
 
 @pytest.mark.slow
@@ -33,6 +33,6 @@ def test_bash_blocks_name_what_exists():
         assert (ROOT / name).is_file(), name
     subcommands = set(re.findall(r"comoe-peft (\w+)", commands))
     assert subcommands == {"train", "eval", "analyze"}
-    test_command = re.search(r"## Test\n\n```bash\n(.*?)\n```", README, flags=re.S).group(1).strip()
+    test_command = re.search(r"## Test\n\n```bash\n(.*?)\n```", README, flags=re.DOTALL).group(1).strip()
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci_lines  # CI runs exactly the README's test command

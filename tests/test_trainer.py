@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
+from conftest import multitask_rows, tiny_llama, tiny_tokenizer
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 
 from comoe_peft import CoMoEConfig
 from comoe_peft.callbacks import HISTORY_FILENAME
 from comoe_peft.trainer import CoMoESFTConfig, CoMoESFTTrainer, CoMoETrainer, CoMoETrainingArguments
-from conftest import multitask_rows, tiny_llama, tiny_tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -140,6 +140,8 @@ def test_resume_from_checkpoint_gives_the_same_losses(tmp_path, tokenizer, datas
     assert [e["step"] for e in history] == [1, 2, 3, 4, 5, 6]
     reloaded = PeftModel.from_pretrained(base_model(tokenizer), str(tmp_path / "full" / "checkpoint-6"))
     assert reloaded.peft_config["default"].num_experts == 4
+    card = (tmp_path / "full" / "checkpoint-6" / "README.md").read_text()
+    assert card.count("import comoe_peft") == 1 and card.startswith("---")
 
 
 def test_reentrant_gradient_checkpointing_is_refused(tmp_path, tokenizer, dataset):
