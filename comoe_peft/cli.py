@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comoe (default), moe = the same experts without the contrastive term, or lora = "
                             "peft LoRA with as many trainable parameters")
     train.add_argument("--tasks", default="default",
-                       help="comma-separated tasks, e.g. bigbench:navigate,synthetic:arithmetic ('default' = the "
-                            "built-in mixture)")
+                       help="comma-separated tasks, e.g. bigbench:navigate,synthetic:arithmetic,benchmark:arc-e "
+                            "('default' = the built-in mixture; benchmark:* reads the paper's benchmarks from the "
+                            "local Hugging Face cache)")
     train.add_argument("--dataset", help="your own examples instead of --tasks: JSON/JSONL/Parquet files, a folder "
                                          "saved with datasets, or a cached hub dataset (columns task, prompt, "
                                          "choices, answer)")

@@ -97,15 +97,30 @@ class TrainOptions:
 
 
 def load_mixture(options: TrainOptions) -> Dataset:
-    """The examples to train and evaluate on: a user dataset (`--dataset`) or built-in tasks (`--tasks`)."""
+    """The examples to train and evaluate on: a user dataset (`--dataset`) or tasks (`--tasks`).
+
+    Tasks are built-in (`bigbench:<task>`, `synthetic:<name>`) or the paper's benchmarks from the local Hugging Face
+    cache (`benchmark:arc-e`, ... see `comoe_peft.hub_datasets.BENCHMARKS`; their train split).
+    """
+    from datasets import concatenate_datasets
+
+    from .hub_datasets import load_benchmark
     from .tasks import load_tasks, parse_task_spec
 
     try:
         if options.dataset:
             return load_examples(options.dataset)
-        parse_task_spec(options.tasks)  # cheap check before any download
+        names = [n.strip() for n in options.tasks.split(",") if n.strip()]
+        benchmarks = [n.removeprefix("benchmark:") for n in names if n.startswith("benchmark:")]
+        builtin = [n for n in names if not n.startswith("benchmark:")]
+        if builtin:
+            parse_task_spec(builtin)  # cheap check before any download
         cap = None if options.max_train_per_task is None else options.max_train_per_task + options.test_size
-        return load_tasks(options.tasks, seed=options.seed, max_examples_per_task=cap, cache_dir=options.cache_dir)
+        parts = [load_benchmark(name, "train") for name in benchmarks]
+        if builtin:
+            parts.append(load_tasks(builtin, seed=options.seed, max_examples_per_task=cap,
+                                    cache_dir=options.cache_dir))
+        return concatenate_datasets(parts)
     except (ValueError, FileNotFoundError) as error:
         raise RunError(str(error)) from None
 

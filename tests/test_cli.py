@@ -155,3 +155,30 @@ def test_quick_end_to_end_three_methods_eval_table_and_analysis(tmp_path, capsys
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "comoe_peft", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "train" in out.stdout and "analyze" in out.stdout
+
+
+def test_tasks_can_mix_the_papers_benchmarks_with_built_in_tasks(monkeypatch):
+    from datasets import Dataset
+
+    from comoe_peft import hub_datasets
+    from comoe_peft.data import EXAMPLE_FEATURES
+    from comoe_peft.jobs import TrainOptions, load_mixture
+
+    calls = []
+
+    def fake_load_benchmark(name, split, data_files=None):
+        calls.append((name, split))
+        rows = [{"task": name, "prompt": f"q{i}", "choices": ["A", "B"], "answer": "A"} for i in range(5)]
+        return Dataset.from_list(rows, features=EXAMPLE_FEATURES)
+
+    monkeypatch.setattr(hub_datasets, "load_benchmark", fake_load_benchmark)
+    options = TrainOptions(output_dir="unused", tasks="benchmark:arc-e,synthetic:parity,benchmark:boolq",
+                           preset="quick").resolved()
+    mixture = load_mixture(options)
+    assert calls == [("arc-e", "train"), ("boolq", "train")]
+    assert set(mixture["task"]) == {"arc-e", "boolq", "synthetic:parity"}
+
+
+def test_unknown_benchmark_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["train", "--tasks", "benchmark:mmlu", "--output-dir", str(tmp_path / "r")]) == 2
+    assert "unknown benchmark 'mmlu'" in error_line(capsys)
