@@ -1,24 +1,24 @@
 """Expert specialisation, measured: per-task routing, expert diversity and the InfoNCE bound of a CoMoE model.
 
 The CoMoE paper shows specialisation only qualitatively (per-task expert-load bars, a 2-D scatter of expert
-outputs). `analyze_model` turns it into numbers. It feeds every task's texts (``format_prompt(row) + " " +
-answer``) through the model and, with forward hooks on the CoMoE layers, measures per module and task:
+outputs). `analyze_model` turns it into numbers. It feeds every task's texts (`format_prompt(row) + " " + answer`)
+through the model and, with forward hooks on the CoMoE layers, measures per module and task:
 
-    expert load          share of the valid tokens' top-k slots that went to each expert (sums to 1)
-    routing entropy      mean entropy (nats) of the tokens' full router distributions; log N = uniform, 0 = one-hot
-    load CV              std / mean of the expert load; 0 = perfectly balanced, sqrt(N - 1) = one expert takes all
-    pairwise cosine      mean cosine between the expert outputs o_j = B_j A_j x (all N experts, pairs i < j, per
-                         token, then mean over tokens); 1 = redundant experts, 0 = orthogonal
-    contrastive loss     the paper's L_con per anchor, every activated expert an anchor in turn, all N - k
-                         inactive experts as negatives (deterministic: the mean of Algorithm 1 over its anchors)
-    InfoNCE bound        log(M) - L_con with M = N - k: the paper's lower bound on the mutual-information gap
-                         between activated and inactive experts (higher = more specialised)
+- **expert load**: share of the valid tokens' top-k slots that went to each expert (sums to 1);
+- **routing entropy**: mean entropy (nats) of the tokens' full router distributions; log N = uniform, 0 = one-hot;
+- **load CV**: std / mean of the expert load; 0 = perfectly balanced, sqrt(N - 1) = one expert takes all;
+- **pairwise cosine**: mean cosine between the expert outputs o_j = B_j A_j x (all N experts, pairs i < j, per
+  token, then mean over tokens); 1 = redundant experts, 0 = orthogonal;
+- **contrastive loss**: the paper's L_con per anchor, every activated expert an anchor in turn, all N - k inactive
+  experts as negatives (deterministic: the mean of Algorithm 1 over its anchors);
+- **InfoNCE bound**: log(M) - L_con with M = N - k: the paper's lower bound on the mutual-information gap between
+  activated and inactive experts (higher = more specialised);
 
 and across tasks the Jensen-Shannon divergence between the tasks' expert loads (0 = same experts for every task,
 log 2 = disjoint experts), per module, per layer and averaged over modules. Runs trained without the contrastive
 term are measured the same way: that is the comparison the numbers are for.
 
-`write_report` saves the result as ``analysis.json``, a markdown summary ``analysis.md`` and heatmaps
+`write_report` saves the result as `analysis.json`, a markdown summary `analysis.md` and heatmaps
 (`plot_expert_load`, `plot_js_matrix`).
 """
 
@@ -237,13 +237,13 @@ def _short_name(name: str) -> str:
 
 
 def layer_index(module_name: str) -> int | None:
-    """The block index in a module name (``model.layers.3.self_attn.q_proj`` -> 3), or None."""
+    """The block index in a module name (`model.layers.3.self_attn.q_proj` -> 3), or None."""
     match = re.search(r"\.(\d+)(?:\.|$)", module_name)
     return int(match.group(1)) if match else None
 
 
 def projection_name(module_name: str) -> str:
-    """The projection type of a module (``model.layers.3.self_attn.q_proj`` -> ``q_proj``)."""
+    """The projection type of a module (`model.layers.3.self_attn.q_proj` -> `q_proj`)."""
     return module_name.rsplit(".", 1)[-1]
 
 
@@ -326,16 +326,16 @@ def analyze_model(
     Returns:
         A JSON-serialisable dict:
 
-        - ``"config"``: adapter, num_experts, top_k, num_negatives (M = N - k), temperature and the arguments.
-        - ``"per_task"``: {task: {num_examples, num_tokens, routing_entropy, load_cv, mean_pairwise_cosine,
-          contrastive_loss, infonce_bound}}, each metric averaged over modules.
-        - ``"per_module"``: {module: {layer, projection, js_matrix (T x T), tasks: {task: {expert_load,
-          mean_router_probs, routing_entropy, load_cv, mean_pairwise_cosine, contrastive_loss, infonce_bound,
-          num_tokens, num_sampled_tokens}}}}.
-        - ``"js_matrix"``: {"tasks": [...], "values": T x T}: the JS divergence of the expert loads, mean over modules.
-        - ``"js_by_layer"``: {"tasks": [...], "layers": {layer: T x T}}: the same, mean over each layer's modules.
-        - ``"summary"``: means over tasks and modules of routing_entropy, load_cv, mean_pairwise_cosine,
-          contrastive_loss, infonce_bound, and the mean JS over task pairs (None with one task).
+        - `"config"`: adapter, num_experts, top_k, num_negatives (M = N - k), temperature and the arguments.
+        - `"per_task"`: {task: {num_examples, num_tokens, routing_entropy, load_cv, mean_pairwise_cosine,
+            contrastive_loss, infonce_bound}}, each metric averaged over modules.
+        - `"per_module"`: {module: {layer, projection, js_matrix (T x T), tasks: {task: {expert_load,
+            mean_router_probs, routing_entropy, load_cv, mean_pairwise_cosine, contrastive_loss, infonce_bound,
+            num_tokens, num_sampled_tokens}}}}.
+        - `"js_matrix"`: {"tasks": [...], "values": T x T}: the JS divergence of the expert loads, mean over modules.
+        - `"js_by_layer"`: {"tasks": [...], "layers": {layer: T x T}}: the same, mean over each layer's modules.
+        - `"summary"`: means over tasks and modules of routing_entropy, load_cv, mean_pairwise_cosine,
+            contrastive_loss, infonce_bound, and the mean JS over task pairs (None with one task).
 
         Contrastive values are None when k < 2 or k = N (no positive or no negative exists).
     """
@@ -514,7 +514,7 @@ def _safe(name: str) -> str:
 
 
 def plot_expert_load(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
-    """One heatmap PNG per projection type (``expert_load_q_proj.png``, ...): a subplot per task showing the
+    """One heatmap PNG per projection type (`expert_load_q_proj.png`, ...): a subplot per task showing the
     expert load with layers as rows and experts as columns, on one colour scale shared by the figure."""
     plt = _pyplot()
     out = Path(out_dir)
@@ -628,9 +628,9 @@ def _markdown(result: dict[str, Any], images: dict[str, Path]) -> str:
 
 
 def write_report(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``analysis.json``, ``analysis.md`` and the PNG heatmaps into `out_dir`, each file atomically.
+    """Write `analysis.json`, `analysis.md` and the PNG heatmaps into `out_dir`, each file atomically.
 
-    Returns the written paths: ``"json"``, ``"markdown"``, ``"js_matrix"`` and ``"expert_load_<projection>"``.
+    Returns the written paths: `"json"`, `"markdown"`, `"js_matrix"` and `"expert_load_<projection>"`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,11 @@ class ExpertLoadHistoryCallback(TrainerCallback):
     """Records, at every logging step, each adapted layer's expert load averaged over the steps since the last log.
 
     The history is written as `expert_load_history.json` into every checkpoint folder and into `output_dir` at the
-    end of training; on resume it is read back from the checkpoint. Format::
+    end of training; on resume it is read back from the checkpoint. Format (`N` shares per module, summing to 1):
 
-        {"num_experts": N, "history": [{"step": 10, "expert_load": {"model.layers.0.self_attn.q_proj": [..N..]}}]}
+    ```text
+    {"num_experts": N, "history": [{"step": 10, "expert_load": {"model.layers.0.self_attn.q_proj": [..N..]}}]}
+    ```
 
     Each step contributes the load of its last micro-batch (the routing statistics of the last forward pass).
     """

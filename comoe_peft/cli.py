@@ -1,8 +1,10 @@
 """`comoe-peft`: train, evaluate and analyse CoMoE against MoE-LoRA and LoRA from the command line.
 
-    comoe-peft train [--method M] [--tasks T] [--model P] [--dataset D] [--preset quick] [--seed S] --output-dir RUN
-    comoe-peft eval RUN [RUN ...]
-    comoe-peft analyze RUN
+```text
+comoe-peft train [--method M] [--tasks T] [--model P] [--dataset D] [--preset quick] [--seed S] --output-dir RUN
+comoe-peft eval RUN [RUN ...]
+comoe-peft analyze RUN
+```
 
 Errors in the user's input (a missing model, an unknown task, a dataset with the wrong columns, a folder that
 cannot be written, a run of the wrong method) print one line and exit with status 2.
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    """`comoe-peft train`: fine-tune one method into a new run folder (`comoe_peft.jobs.train`)."""
     from .jobs import TrainOptions, train
 
     options = TrainOptions(
@@ -81,6 +84,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    """`comoe-peft eval`: score runs on their held-out examples and print one table, a column per run."""
     from .evaluation import format_table
     from .jobs import evaluate_run
     from .runs import open_run
@@ -94,6 +98,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> None:
+    """`comoe-peft analyze`: write a run's expert-specialisation report and print its summary."""
     from .jobs import analyze_run
 
     result = analyze_run(args.run, overwrite=args.overwrite, max_examples_per_task=args.max_examples_per_task)

@@ -1,39 +1,46 @@
 """Examples for the main job: the schema, loading user data, per-task splits and SFT formatting.
 
-Schema
-------
-A dataset holds one row per example with four columns (further columns are allowed and kept):
+**Schema.** A dataset holds one row per example with four columns (further columns are allowed and kept):
 
-=========== ============= ===================================================================
-column      type          meaning
-=========== ============= ===================================================================
-``task``    ``str``       name of the task the row belongs to, non-empty (``"sentiment"``,
-                          ``"bigbench:navigate"``). Splits, metrics and routing analysis are per task.
-``prompt``  ``str``       the input text, non-empty, without an answer cue (``format_prompt``
-                          adds the choices and ``"Answer:"``).
-``choices`` ``list[str]`` the candidate answers of a multiple-choice row, distinct and non-empty;
-                          ``[]`` for a generation row (the answer is free text, scored by exact match).
-``answer``  ``str``       the reference answer, non-empty. In a multiple-choice row it must equal one
-                          of ``choices`` exactly (same case and spacing).
-=========== ============= ===================================================================
+| column | type | meaning |
+|---|---|---|
+| `task` | `str` | the task's name, non-empty (`"sentiment"`, `"bigbench:navigate"`); splits and metrics are per task |
+| `prompt` | `str` | the input, non-empty, without an answer cue (`format_prompt` adds the choices and `"Answer:"`) |
+| `choices` | `list[str]` | multiple choice: the distinct, non-empty candidates; generation: `[]` (exact match) |
+| `answer` | `str` | the reference answer, non-empty; in a multiple-choice row exactly one of `choices` |
 
-Two rows in JSON lines form (a ``.jsonl`` file, one object per line)::
+Two rows in JSON lines form (a `.jsonl` file, one object per line):
 
-    {"task": "sentiment", "prompt": "Review: great food, slow service.", "choices": ["positive", "negative", "ambivalent"], "answer": "ambivalent"}
-    {"task": "addition", "prompt": "What is 12 plus 30?", "choices": [], "answer": "42"}
+```json
+{"task": "sentiment", "prompt": "Review: great food.", "choices": ["positive", "negative"], "answer": "positive"}
+{"task": "addition", "prompt": "What is 12 plus 30?", "choices": [], "answer": "42"}
+```
 
-``load_examples`` reads such rows from ``.json`` / ``.jsonl`` / ``.parquet`` files, a folder of them, a
-folder written by ``Dataset.save_to_disk``, or a Hugging Face hub dataset id, and checks them with
-``validate_examples``.
+`load_examples` reads such rows from `.json` / `.jsonl` / `.parquet` files, a folder of them, a
+folder written by `Dataset.save_to_disk`, or a Hugging Face hub dataset id, and checks them with
+`validate_examples`.
 
-What the model sees: ``format_prompt(row)`` is the prompt and ``" " + answer`` the completion::
+What the model sees: `format_prompt(row)` is the prompt and `" " + answer` the completion:
 
-    Review: great food, slow service.        What is 12 plus 30?
-    Options:                                 Answer:
-    - positive
-    - negative
-    - ambivalent
-    Answer:
+```python
+from comoe_peft.data import format_prompt
+
+rows = [
+    {"task": "sentiment", "prompt": "Review: great food, slow service.",
+     "choices": ["positive", "negative", "ambivalent"], "answer": "ambivalent"},
+    {"task": "addition", "prompt": "What is 12 plus 30?", "choices": [], "answer": "42"},
+]
+for row in rows:
+    print(format_prompt(row) + " " + row["answer"])
+# Review: great food, slow service.
+# Options:
+# - positive
+# - negative
+# - ambivalent
+# Answer: ambivalent
+# What is 12 plus 30?
+# Answer: 42
+```
 """
 
 from __future__ import annotations
@@ -61,10 +68,10 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def validate_examples(dataset_or_rows: Dataset | Sequence[Mapping[str, Any]], source: str) -> None:
-    """Check rows against the schema of this module; raise ``ValueError`` naming the first problem.
+    """Check rows against the schema of this module; raise `ValueError` naming the first problem.
 
     Args:
-        dataset_or_rows: a ``datasets.Dataset`` or a list of row dicts.
+        dataset_or_rows: a `datasets.Dataset` or a list of row dicts.
         source: where the rows came from (a path, a task spec); used in the error message.
     """
     rows: Iterable[Mapping[str, Any]] = dataset_or_rows
@@ -116,22 +123,22 @@ def _check_row(row: Mapping[str, Any], where: str) -> None:
 def load_examples(path_or_name: str, split: str | None = None) -> Dataset:
     """Load and validate examples in the schema of this module.
 
-    ``path_or_name`` is tried in this order:
+    `path_or_name` is tried in this order:
 
-    1. a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
-    2. a folder of ``.json`` / ``.jsonl`` / ``.parquet`` files (all of them, or with ``split`` those whose
-       name starts with it, e.g. ``train.jsonl``, ``train-00000-of-00001.parquet``);
+    1. a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
+    2. a folder of `.json` / `.jsonl` / `.parquet` files (all of them, or with `split` those whose
+       name starts with it, e.g. `train.jsonl`, `train-00000-of-00001.parquet`);
     3. one such file;
     4. otherwise a Hugging Face hub dataset id. Without network it must already be in the local Hugging
-       Face cache (set ``HF_DATASETS_OFFLINE=1`` to skip the network retries).
+       Face cache (set `HF_DATASETS_OFFLINE=1` to skip the network retries).
 
     Args:
         path_or_name: file, folder or hub dataset id.
-        split: split to load from a ``DatasetDict`` folder, a file folder or a hub dataset; may be left out
+        split: split to load from a `DatasetDict` folder, a file folder or a hub dataset; may be left out
             when there is only one.
 
     Returns:
-        the rows as a ``datasets.Dataset`` whose four schema columns have the types of ``EXAMPLE_FEATURES``.
+        the rows as a `datasets.Dataset` whose four schema columns have the types of `EXAMPLE_FEATURES`.
     """
     path = Path(path_or_name).expanduser()
     if path.is_dir() and _is_saved_dataset(path):
@@ -183,7 +190,7 @@ def _typed_choices(dataset: Dataset) -> Dataset:
 
 
 def load_hub_dataset(name: str, split: str | None = None, config: str | None = None) -> Dataset:
-    """Load one split of a hub dataset (any columns), turning every failure into one clear ``ValueError``.
+    """Load one split of a hub dataset (any columns), turning every failure into one clear `ValueError`.
 
     Offline this works only for datasets already in the Hugging Face cache.
     """
@@ -218,17 +225,17 @@ def train_test_split_per_task(
 ) -> DatasetDict:
     """Hold out examples from every task with a fixed seed.
 
-    Each task is split on its own (seeded by ``seed`` and the task name), so adding or removing a task does
+    Each task is split on its own (seeded by `seed` and the task name), so adding or removing a task does
     not change the split of the others. Rows are split by position: no row is in both parts.
 
     Args:
         dataset: rows in the schema of this module.
         test_size: held-out rows per task: an int count, or a float fraction in (0, 1) (at least one row).
         seed: the same seed and data give the same split.
-        max_train_per_task: cap on the training rows kept per task (a seeded subset); ``None`` keeps all.
+        max_train_per_task: cap on the training rows kept per task (a seeded subset); `None` keeps all.
 
     Returns:
-        ``DatasetDict`` with ``"train"`` and ``"test"``, each in the original row order.
+        `DatasetDict` with `"train"` and `"test"`, each in the original row order.
     """
     _check_test_size(test_size)
     if max_train_per_task is not None and max_train_per_task < 1:
@@ -264,9 +271,9 @@ def _check_test_size(test_size: float) -> None:
 
 
 def format_prompt(row: Mapping[str, Any]) -> str:
-    """The plain-text prompt of a row: the prompt, the choices one per line (multiple choice), ``Answer:``.
+    """The plain-text prompt of a row: the prompt, the choices one per line (multiple choice), `Answer:`.
 
-    The completion that follows it is ``" " + row["answer"]``. Evaluation uses the same function, so training
+    The completion that follows it is `" " + row["answer"]`. Evaluation uses the same function, so training
     and scoring see identical text.
     """
     text = row["prompt"].rstrip()
@@ -276,9 +283,9 @@ def format_prompt(row: Mapping[str, Any]) -> str:
 
 
 def format_example(row: Mapping[str, Any], tokenizer: Any = None, use_chat_template: bool = False) -> tuple[str, str]:
-    """Return ``(prompt, completion)`` for a row, as plain text or rendered with the tokenizer's chat template.
+    """Return `(prompt, completion)` for a row, as plain text or rendered with the tokenizer's chat template.
 
-    Plain text: ``(format_prompt(row), " " + answer)``. With ``use_chat_template=True`` the plain prompt is the
+    Plain text: `(format_prompt(row), " " + answer)`. With `use_chat_template=True` the plain prompt is the
     user turn and the answer the assistant turn; the completion is the rendered assistant turn, cut after the
     tokenizer's end-of-sequence token when the template writes one (TRL then does not add a second).
     """
@@ -301,10 +308,10 @@ def format_example(row: Mapping[str, Any], tokenizer: Any = None, use_chat_templ
 
 
 def to_sft_dataset(dataset: Dataset, tokenizer: Any = None, use_chat_template: bool = False) -> Dataset:
-    """Turn schema rows into a TRL prompt-completion dataset (columns ``prompt``, ``completion``, ``task``).
+    """Turn schema rows into a TRL prompt-completion dataset (columns `prompt`, `completion`, `task`).
 
-    ``task`` is kept for per-task analysis; TRL's trainer drops columns the model does not take.
-    The text is plain (see ``format_example``) unless ``use_chat_template=True`` and a tokenizer with a chat
+    `task` is kept for per-task analysis; TRL's trainer drops columns the model does not take.
+    The text is plain (see `format_example`) unless `use_chat_template=True` and a tokenizer with a chat
     template is given.
     """
     validate_examples(dataset, source="to_sft_dataset input")

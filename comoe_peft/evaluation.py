@@ -1,17 +1,19 @@
 """Evaluate a causal LM on task examples: multiple choice by log-likelihood, generation by exact match.
 
-Rows follow the project's example schema::
+Rows follow the project's example schema (see `comoe_peft.data`):
 
-    {"task": str, "prompt": str, "choices": list[str], "answer": str}
+```text
+{"task": str, "prompt": str, "choices": list[str], "answer": str}
+```
 
-``choices`` is empty for generation tasks. The text the model sees is ``prompt_fn(row)``
-(normally :func:`comoe_peft.data.format_prompt`); it is a parameter so this module does not
+`choices` is empty for generation tasks. The text the model sees is `prompt_fn(row)`
+(normally `comoe_peft.data.format_prompt`); it is a parameter so this module does not
 depend on how prompts are formatted.
 
 Multiple choice: each choice is scored by the summed log-probability of the continuation
-``" " + choice`` after the prompt; the highest-scoring choice is the prediction. Padding is
+`" " + choice` after the prompt; the highest-scoring choice is the prediction. Padding is
 done by hand (right padding for scoring, left padding for generation), so the tokenizer's
-``padding_side`` does not matter.
+`padding_side` does not matter.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ OVERALL = "overall"
 
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode under ``torch.no_grad`` and restore its training flag after."""
+    """Put `model` in eval mode under `torch.no_grad` and restore its training flag after."""
     was_training = model.training
     model.eval()
     try:
@@ -65,7 +67,7 @@ def _batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
 
 
 def _pad(seqs: Sequence[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token-id lists to one length; return ``input_ids`` and ``attention_mask``, both [B, T]."""
+    """Pad token-id lists to one length; return `input_ids` and `attention_mask`, both [B, T]."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -80,9 +82,9 @@ def _pad(seqs: Sequence[list[int]], pad_id: int, side: str) -> tuple[torch.Tenso
 
 
 def split_context_continuation(prompt: str, choice: str) -> tuple[str, str]:
-    """Return the (context, continuation) strings whose log-likelihood scores ``choice``.
+    """Return the (context, continuation) strings whose log-likelihood scores `choice`.
 
-    The continuation is ``" " + choice``. Trailing spaces of the prompt are dropped so the
+    The continuation is `" " + choice`. Trailing spaces of the prompt are dropped so the
     separator is the single space that starts the continuation (BPE tokenisers attach a
     leading space to the next word). After a prompt ending in a newline the choice follows
     directly, without a space.
@@ -118,7 +120,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def _truncate_left(context_ids: list[int], continuation_ids: list[int], limit: int | None) -> list[int]:
-    """Drop the oldest context tokens so context + continuation fits in ``limit`` positions."""
+    """Drop the oldest context tokens so context + continuation fits in `limit` positions."""
     if limit is None or len(context_ids) + len(continuation_ids) <= limit:
         return context_ids
     keep = limit - len(continuation_ids)
@@ -156,7 +158,7 @@ def choice_loglikelihoods(
 ) -> list[list[float]]:
     """Summed log-likelihood of each choice of each row, given the row's prompt.
 
-    All (row, choice) pairs are flattened, sorted by length and scored ``batch_size`` sequences
+    All (row, choice) pairs are flattened, sorted by length and scored `batch_size` sequences
     per forward pass (choices of several rows share a batch), with right padding and an
     attention mask.
 
@@ -199,7 +201,7 @@ def score_choices(
 ) -> list[int]:
     """Predict each row's choice: the index of the choice with the highest log-likelihood.
 
-    See :func:`choice_loglikelihoods` for how choices are scored; ties go to the first choice.
+    See `choice_loglikelihoods` for how choices are scored; ties go to the first choice.
     """
     scores = choice_loglikelihoods(model, tokenizer, rows, prompt_fn, batch_size, progress)
     return [max(range(len(s)), key=s.__getitem__) for s in scores]
@@ -233,7 +235,7 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers for each row: generate after the prompt, cut at the first newline, strip.
 
-    Prompts are left-padded by hand, so batching does not depend on ``tokenizer.padding_side``.
+    Prompts are left-padded by hand, so batching does not depend on `tokenizer.padding_side`.
     """
     from transformers import GenerationConfig
 
@@ -286,16 +288,16 @@ def evaluate(
     progress: bool = True,
     max_new_tokens: int = 16,
 ) -> Results:
-    """Accuracy of ``model`` on each task of ``dataset`` (a list of rows or a ``datasets.Dataset``).
+    """Accuracy of `model` on each task of `dataset` (a list of rows or a `datasets.Dataset`).
 
-    Multiple-choice tasks are scored with :func:`score_choices` (correct when the chosen
-    choice equals the answer), generation tasks with :func:`generate_answers` (exact match
+    Multiple-choice tasks are scored with `score_choices` (correct when the chosen
+    choice equals the answer), generation tasks with `generate_answers` (exact match
     after stripping).
 
     Returns:
-        ``{task: {"accuracy": float, "n": int, "kind": "multiple_choice" | "generation"}}`` for
-        each task, plus ``"overall": {"accuracy": macro mean over tasks, "n": total rows,
-        "kind": "macro_mean"}``.
+        `{task: {"accuracy": float, "n": int, "kind": "multiple_choice" | "generation"}}` for
+        each task, plus `"overall"`: `{"accuracy": macro mean over tasks, "n": total rows,
+        "kind": "macro_mean"}`.
     """
     by_task: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for row in dataset:
@@ -341,11 +343,11 @@ def _is_single(results: Mapping[str, Any]) -> bool:
 
 
 def format_table(results: Mapping[str, Any]) -> str:
-    """A plain-text table of per-task accuracy, ``overall`` last.
+    """A plain-text table of per-task accuracy, `overall` last.
 
-    ``results`` is either one :func:`evaluate` result, or several keyed by method name (e.g.
-    ``{"comoe": ..., "moe": ..., "lora": ...}``), which gives one accuracy column per method.
-    A task missing from a method shows ``-``.
+    `results` is either one `evaluate` result, or several keyed by method name (e.g.
+    `{"comoe": ..., "moe": ..., "lora": ...}`), which gives one accuracy column per method.
+    A task missing from a method shows `-`.
     """
     if not results:
         raise ValueError("No results to format.")

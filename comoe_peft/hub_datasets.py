@@ -1,27 +1,22 @@
 """The paper's commonsense benchmarks, mapped from their Hugging Face hub datasets to the example schema.
 
 Prompts follow the MoE-PEFT / MixLoRA framework the paper builds on: the question and its options labelled
-``(A)``, ``(B)``, ... (BoolQ: ``true`` / ``false``), and the answer is the option's label. ``choices`` holds the
-labels, so ``comoe_peft.data.format_prompt`` adds the label list and ``Answer:``. As in that framework, BoolQ
+`(A)`, `(B)`, ... (BoolQ: `true` / `false`), and the answer is the option's label. `choices` holds the
+labels, so `comoe_peft.data.format_prompt` adds the label list and `Answer:`. As in that framework, BoolQ
 shows the question without its passage.
 
-=============== ========================= =============================================== ==========
-name            hub dataset (config)      columns read                                    eval split
-=============== ========================= =============================================== ==========
-``arc-e``       allenai/ai2_arc           question, choices{text,label}, answerKey        test
-                (ARC-Easy)
-``arc-c``       allenai/ai2_arc           same                                            test
-                (ARC-Challenge)
-``boolq``       google/boolq              question, answer (bool)                         validation
-``obqa``        allenai/openbookqa (main) question_stem, choices{text,label}, answerKey   test
-``piqa``        ybisk/piqa                goal, sol1, sol2, label (0/1)                   validation
-``siqa``        allenai/social_i_qa       context, question, answerA/B/C, label "1"-"3"   validation
-``hellaswag``   Rowan/hellaswag           activity_label, ctx, endings, label "0"-"3"     validation
-``winogrande``  allenai/winogrande        sentence, option1, option2, answer "1"/"2"      validation
-                (winogrande_debiased)
-=============== ========================= =============================================== ==========
+| name | hub dataset (config) | columns read | eval split |
+|---|---|---|---|
+| `arc-e` | `allenai/ai2_arc` (`ARC-Easy`) | `question`, `choices{text,label}`, `answerKey` | test |
+| `arc-c` | `allenai/ai2_arc` (`ARC-Challenge`) | same | test |
+| `boolq` | `google/boolq` | `question`, `answer` (bool) | validation |
+| `obqa` | `allenai/openbookqa` (`main`) | `question_stem`, `choices{text,label}`, `answerKey` | test |
+| `piqa` | `ybisk/piqa` | `goal`, `sol1`, `sol2`, `label` (0/1) | validation |
+| `siqa` | `allenai/social_i_qa` | `context`, `question`, `answerA/B/C`, `label` "1"-"3" | validation |
+| `hellaswag` | `Rowan/hellaswag` | `activity_label`, `ctx`, `endings`, `label` "0"-"3" | validation |
+| `winogrande` | `allenai/winogrande` (`winogrande_debiased`) | `sentence`, `option1/2`, `answer` "1"/"2" | validation |
 
-Nothing here downloads in tests: ``load_benchmark(..., data_files=...)`` reads local JSON / Parquet files
+Nothing here downloads in tests: `load_benchmark(..., data_files=...)` reads local JSON / Parquet files
 with the hub columns. Test splits of PIQA, SIQA, HellaSwag and WinoGrande are unlabelled and rejected.
 """
 
@@ -47,13 +42,13 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def _lettered(texts: Sequence[str], labels: Sequence[str] | None = None, sep: str = "\n") -> str:
-    """``"\\n(A) first\\n(B) second"``: options with their labels (letters unless given)."""
+    """`"\\n(A) first\\n(B) second"`: options with their labels (letters unless given)."""
     labels = labels or _LETTERS[: len(texts)]
     return "".join(f"{sep}({label}) {text}" for label, text in zip(labels, texts))
 
 
 def _label_index(value: Any, n_options: int, first: int, benchmark: str) -> int:
-    """0-based option index from a label such as ``"2"`` (``first`` = the label of the first option)."""
+    """0-based option index from a label such as `"2"` (`first` = the label of the first option)."""
     try:
         index = int(str(value).strip()) - first
     except ValueError:
@@ -70,7 +65,7 @@ def _label_index(value: Any, n_options: int, first: int, benchmark: str) -> int:
 
 
 def arc_row(row: Row) -> dict[str, Any]:
-    """ARC-Easy / ARC-Challenge (``allenai/ai2_arc``); labels are ``A``-``E`` or ``1``-``5`` as in the data."""
+    """ARC-Easy / ARC-Challenge (`allenai/ai2_arc`); labels are `A`-`E` or `1`-`5` as in the data."""
     labels = list(row["choices"]["label"])
     prompt = "Please choose the correct answer to the question: " + row["question"]
     prompt += _lettered(row["choices"]["text"], labels, sep=" ")
@@ -78,13 +73,13 @@ def arc_row(row: Row) -> dict[str, Any]:
 
 
 def boolq_row(row: Row) -> dict[str, Any]:
-    """BoolQ (``google/boolq``): a yes/no question answered ``true`` or ``false``."""
+    """BoolQ (`google/boolq`): a yes/no question answered `true` or `false`."""
     prompt = f"Please answer the following question with true or false: {row['question']}?"
     return {"prompt": prompt, "choices": ["true", "false"], "answer": "true" if row["answer"] else "false"}
 
 
 def openbookqa_row(row: Row) -> dict[str, Any]:
-    """OpenBookQA (``allenai/openbookqa``, config ``main``)."""
+    """OpenBookQA (`allenai/openbookqa`, config `main`)."""
     labels = list(row["choices"]["label"])
     prompt = "Please choose the correct answer to the question: " + row["question_stem"]
     prompt += _lettered(row["choices"]["text"], labels, sep=" ")
@@ -92,7 +87,7 @@ def openbookqa_row(row: Row) -> dict[str, Any]:
 
 
 def piqa_row(row: Row) -> dict[str, Any]:
-    """PIQA (``ybisk/piqa``): pick the solution that achieves the goal."""
+    """PIQA (`ybisk/piqa`): pick the solution that achieves the goal."""
     prompt = (
         "Below is a common task along with two possible solutions labeled (A) and (B). "
         f"Please select the appropriate solution to achieve the task:\n{row['goal']}\n"
@@ -102,7 +97,7 @@ def piqa_row(row: Row) -> dict[str, Any]:
 
 
 def siqa_row(row: Row) -> dict[str, Any]:
-    """Social IQa (``allenai/social_i_qa``): labels ``"1"``-``"3"``."""
+    """Social IQa (`allenai/social_i_qa`): labels `"1"`-`"3"`."""
     prompt = "Please choose the correct answer to the question.\n"
     prompt += f"Question: {row['context']} {row['question']}"
     prompt += _lettered([row["answerA"], row["answerB"], row["answerC"]])
@@ -110,7 +105,7 @@ def siqa_row(row: Row) -> dict[str, Any]:
 
 
 def hellaswag_row(row: Row) -> dict[str, Any]:
-    """HellaSwag (``Rowan/hellaswag``): pick the ending of the sentence; labels ``"0"``-``"3"``."""
+    """HellaSwag (`Rowan/hellaswag`): pick the ending of the sentence; labels `"0"`-`"3"`."""
     endings = list(row["endings"])
     prompt = "Please choose the correct ending to complete the given sentence.\n"
     prompt += f"Sentence: {row['activity_label']}. {row['ctx']}" + _lettered(endings)
@@ -119,7 +114,7 @@ def hellaswag_row(row: Row) -> dict[str, Any]:
 
 
 def winogrande_row(row: Row) -> dict[str, Any]:
-    """WinoGrande (``allenai/winogrande``): fill the blank with option 1 or 2 (answer ``"1"``/``"2"``)."""
+    """WinoGrande (`allenai/winogrande`): fill the blank with option 1 or 2 (answer `"1"`/`"2"`)."""
     prompt = "Please choose the correct answer to fill in the blank to complete the given sentence.\n"
     prompt += f"Sentence: {row['sentence']}" + _lettered([row["option1"], row["option2"]])
     answer = _LETTERS[_label_index(row["answer"], 2, 1, "winogrande")]
@@ -154,15 +149,15 @@ DataFiles = str | Path | Sequence[str | Path] | Mapping[str, str | Path | Sequen
 
 
 def load_benchmark(name: str, split: str, data_files: DataFiles | None = None) -> Dataset:
-    """Load one split of a benchmark as rows in the example schema, with ``task`` set to ``name``.
+    """Load one split of a benchmark as rows in the example schema, with `task` set to `name`.
 
     Args:
-        name: one of ``BENCHMARKS`` (``"arc-e"``, ``"arc-c"``, ``"boolq"``, ``"obqa"``, ``"piqa"``, ``"siqa"``,
-            ``"hellaswag"``, ``"winogrande"``).
-        split: ``"train"``, ``"validation"`` or ``"test"`` (see ``Benchmark.eval_split`` for what the
+        name: one of `BENCHMARKS` (`"arc-e"`, `"arc-c"`, `"boolq"`, `"obqa"`, `"piqa"`, `"siqa"`,
+            `"hellaswag"`, `"winogrande"`).
+        split: `"train"`, `"validation"` or `"test"` (see `Benchmark.eval_split` for what the
             framework evaluates on).
-        data_files: local ``.json`` / ``.jsonl`` / ``.parquet`` files with the hub columns instead of the hub:
-            a path or a list of paths (all of them form the split), or a ``{split: paths}`` dict.
+        data_files: local `.json` / `.jsonl` / `.parquet` files with the hub columns instead of the hub:
+            a path or a list of paths (all of them form the split), or a `{split: paths}` dict.
     """
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")

@@ -1,8 +1,9 @@
 """The main job behind the `comoe-peft` command: multi-task fine-tuning, evaluation and specialisation analysis.
 
 `train` fine-tunes one method (`comoe`, `moe` = the same experts without the contrastive term, or `lora` = peft
-LoRA at a matched number of trainable parameters) on a task mixture; `evaluate_runs` scores runs on their
-held-out examples; `analyze_run` writes the expert-specialisation report.
+LoRA at a matched number of trainable parameters) on a task mixture; `evaluate_run` scores a run on its
+held-out examples; `analyze_run` writes the expert-specialisation report. `PRESETS` holds the settings of
+`--preset quick` and `--preset default`.
 """
 
 from __future__ import annotations

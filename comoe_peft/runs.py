@@ -1,15 +1,16 @@
 """Run folders of the `comoe-peft` command: created atomically, never overwritten unless asked.
 
-A run folder holds what one `comoe-peft train` produced and what `eval` and `analyze` add later::
+A run folder holds what one `comoe-peft train` produced and what `eval` and `analyze` add later:
 
-    RUN/
-      run_config.json        the options used, the resolved model, library versions
-      adapter/               the trained adapter (peft save_pretrained)
-      data/test/             the held-out examples (datasets save_to_disk)
-      trainer/               TRL's output folder (logs, expert-load history)
-      log_history.json       the trainer's log history
-      eval_results.json      written by `comoe-peft eval`
-      analysis/              written by `comoe-peft analyze`
+| path in `RUN/` | content |
+|---|---|
+| `run_config.json` | the options used, the resolved model, library versions (`RUN_CONFIG`) |
+| `adapter/` | the trained adapter, peft `save_pretrained` (`ADAPTER_DIR`) |
+| `data/test/` | the held-out examples, datasets `save_to_disk` (`TEST_DATA_DIR`) |
+| `trainer/` | TRL's output folder: logs, expert-load history (`TRAINER_DIR`) |
+| `log_history.json` | the trainer's log history (`LOG_HISTORY`) |
+| `eval_results.json` | written by `comoe-peft eval` (`EVAL_RESULTS`) |
+| `analysis/` | written by `comoe-peft analyze` (`ANALYSIS_DIR`) |
 """
 
 from __future__ import annotations

@@ -1,21 +1,19 @@
-"""Built-in tasks, named by strings such as ``bigbench:navigate`` or ``synthetic:arithmetic``.
+"""Built-in tasks, named by strings such as `bigbench:navigate` or `synthetic:arithmetic`.
 
-Sources
--------
-``bigbench:<task>`` / ``bigbench:<task>/<subtask>``
-    A task of BIG-bench 1.0.0 (167 JSON tasks). The data ships in the ``bigbench`` source distribution on the
-    Python package index (358 MB), which is downloaded once with ``pip download`` into
-    ``<cache>/bigbench/sdist``; only the ``task.json`` files asked for are extracted, into
-    ``<cache>/bigbench/<task>/...`` (the cache is ``comoe_peft.cache.default_cache_dir()``: never the
-    repository, since every file carries the BIG-bench canary string). ``<task>`` alone takes the task's own
-    examples and those of all its subtasks (``bigbench:multiemo`` alone is 110 subtasks and 1.4 M rows: name a
-    subtask such as ``bigbench:multiemo/all_text_en``).
-``synthetic:<name>``
-    Generated from the seed, no files: ``arithmetic`` (2-3 digit addition and subtraction, generation),
-    ``parity`` (even or odd number of 1s in a bit string, multiple choice), ``sort_letters`` (sort 4-7 letters,
-    generation).
+**Sources.**
 
-``load_tasks`` returns rows in the schema of ``comoe_peft.data`` with ``task`` set to the task string.
+- `bigbench:<task>` / `bigbench:<task>/<subtask>`: a task of BIG-bench 1.0.0 (167 JSON tasks). The data ships in
+  the `bigbench` source distribution on the Python package index (358 MB), which is downloaded once with
+  `pip download` into `<cache>/bigbench/sdist`; only the `task.json` files asked for are extracted, into
+  `<cache>/bigbench/<task>/...` (the cache is `comoe_peft.cache.default_cache_dir()`: never the repository, since
+  every file carries the BIG-bench canary string). `<task>` alone takes the task's own examples and those of all
+  its subtasks (`bigbench:multiemo` alone is 110 subtasks and 1.4 M rows: name a subtask such as
+  `bigbench:multiemo/all_text_en`).
+- `synthetic:<name>`: generated from the seed, no files: `arithmetic` (2-3 digit addition and subtraction,
+  generation), `parity` (even or odd number of 1s in a bit string, multiple choice), `sort_letters` (sort 4-7
+  letters, generation).
+
+`load_tasks` returns rows in the schema of `comoe_peft.data` with `task` set to the task string.
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ _MANIFEST = "_extracted.json"
 _INDEX = "index.json"
 
 SYNTHETIC_SIZE = 2000
-"""Rows generated per synthetic task when ``max_examples_per_task`` is ``None``."""
+"""Rows generated per synthetic task when `max_examples_per_task` is `None`."""
 
 DEFAULT_TASKS: tuple[str, ...] = (
     "bigbench:multiemo/all_sentence_en",  # sentiment of review sentences, 4-way multiple choice (57k)
@@ -60,7 +58,7 @@ DEFAULT_TASKS: tuple[str, ...] = (
 """A heterogeneous mixture: sentiment, NLI, commonsense plausibility, navigation, arithmetic.
 
 Prompts are short (median 35-400 characters). Sizes differ (multiemo sentences: 57k rows, the others 1-2k),
-so pass ``max_examples_per_task`` (e.g. 1000) for a balanced mixture. ``bigbench:multiemo/all_text_en`` (8k
+so pass `max_examples_per_task` (e.g. 1000) for a balanced mixture. `bigbench:multiemo/all_text_en` (8k
 whole reviews, median 865 characters) is the longer-text alternative for sentiment.
 """
 
@@ -72,12 +70,12 @@ logger = logging.getLogger(__name__)
 
 
 def bigbench_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Folder holding the BIG-bench sdist and extracted task files: ``<cache>/bigbench``."""
+    """Folder holding the BIG-bench sdist and extracted task files: `<cache>/bigbench`."""
     return Path(cache_dir or default_cache_dir()) / "bigbench"
 
 
 def download_bigbench_sdist(dest: Path) -> None:
-    """Download the BIG-bench source distribution into ``dest`` with ``pip download`` (no install)."""
+    """Download the BIG-bench source distribution into `dest` with `pip download` (no install)."""
     command = [
         sys.executable,
         "-m",
@@ -104,18 +102,18 @@ def fetch_bigbench_tasks(
     cache_dir: str | os.PathLike[str] | None = None,
     download: Downloader = download_bigbench_sdist,
 ) -> dict[str, list[Path]]:
-    """Make sure the ``task.json`` files of BIG-bench tasks are extracted in the cache; return their paths.
+    """Make sure the `task.json` files of BIG-bench tasks are extracted in the cache; return their paths.
 
     Nothing is downloaded or extracted when the files are there already. Otherwise the sdist is downloaded
-    (once, with ``download``) and only the needed ``task.json`` files are extracted, each written atomically.
+    (once, with `download`) and only the needed `task.json` files are extracted, each written atomically.
 
     Args:
-        names: task names without the ``bigbench:`` prefix, ``"navigate"`` or ``"multiemo/all_text_en"``.
-        cache_dir: cache folder; default ``comoe_peft.cache.default_cache_dir()``.
+        names: task names without the `bigbench:` prefix, `"navigate"` or `"multiemo/all_text_en"`.
+        cache_dir: cache folder; default `comoe_peft.cache.default_cache_dir()`.
         download: function that downloads the sdist into the folder it is given (tests replace it).
 
     Returns:
-        for every name, its ``task.json`` paths (the task's own first, then subtasks in sorted order).
+        for every name, its `task.json` paths (the task's own first, then subtasks in sorted order).
     """
     root = bigbench_dir(cache_dir)
     for name in names:
@@ -158,7 +156,7 @@ def _task_files(root: Path, name: str) -> list[Path]:
 
 
 def _extract(sdist: Path, root: Path, names: Sequence[str]) -> set[str]:
-    """Extract the task.json files of ``names`` in one pass over the archive; return all task names seen."""
+    """Extract the task.json files of `names` in one pass over the archive; return all task names seen."""
     whole = {n for n in names if "/" not in n}
     subtasks = {n for n in names if "/" in n}
     extracted: dict[str, list[str]] = {n: [] for n in whole}
@@ -185,7 +183,7 @@ def _extract(sdist: Path, root: Path, names: Sequence[str]) -> set[str]:
 
 
 def _task_dir(member: tarfile.TarInfo) -> str | None:
-    """``"task"`` or ``"task/subtask"`` for a BIG-bench task.json member, else ``None``."""
+    """`"task"` or `"task/subtask"` for a BIG-bench task.json member, else `None`."""
     if not member.isfile() or not member.name.startswith(_MEMBER_PREFIX):
         return None
     parts = member.name[len(_MEMBER_PREFIX) :].split("/")
@@ -229,12 +227,12 @@ def _check_known(names: Sequence[str], available: set[str] | None, root: Path) -
 
 
 def parse_bigbench_task(data: dict[str, Any], task: str) -> list[dict[str, Any]]:
-    """Rows in the schema of ``comoe_peft.data`` from one parsed BIG-bench ``task.json``.
+    """Rows in the schema of `comoe_peft.data` from one parsed BIG-bench `task.json`.
 
-    The prompt is the task prefix, the example input prefix and the input. An example with ``target_scores``
+    The prompt is the task prefix, the example input prefix and the input. An example with `target_scores`
     is multiple choice (choices: its keys; answer: the key with the highest score; examples with a tie for
-    the highest score or no positive score are skipped), unless it also has ``target`` and the task is
-    scored by exact match (``preferred_score``), as in ``arithmetic``: then it is generation with the
+    the highest score or no positive score are skipped), unless it also has `target` and the task is
+    scored by exact match (`preferred_score`), as in `arithmetic`: then it is generation with the
     (first) target as answer.
     """
     generative = data.get("preferred_score") == "exact_str_match"
@@ -284,7 +282,7 @@ def _dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def load_bigbench_rows(name: str, files: Sequence[Path]) -> list[dict[str, Any]]:
-    """Parse and de-duplicate the rows of one BIG-bench task from its extracted ``task.json`` files."""
+    """Parse and de-duplicate the rows of one BIG-bench task from its extracted `task.json` files."""
     rows = []
     for path in files:
         rows += parse_bigbench_task(json.loads(path.read_text(encoding="utf-8")), f"bigbench:{name}")
@@ -334,7 +332,7 @@ SYNTHETIC_TASKS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
 
 
 def synthetic_rows(name: str, seed: int, n: int = SYNTHETIC_SIZE) -> list[dict[str, Any]]:
-    """``n`` distinct rows of the synthetic task ``name``; the same seed gives the same rows."""
+    """`n` distinct rows of the synthetic task `name`; the same seed gives the same rows."""
     if name not in SYNTHETIC_TASKS:
         raise ValueError(f"unknown synthetic task {name!r}; available: {', '.join(sorted(SYNTHETIC_TASKS))}")
     rows = _unique(SYNTHETIC_TASKS[name], random.Random(f"synthetic:{name}/{seed}"), n)
@@ -347,7 +345,7 @@ def synthetic_rows(name: str, seed: int, n: int = SYNTHETIC_SIZE) -> list[dict[s
 
 
 def parse_task_spec(spec: str | Sequence[str]) -> list[str]:
-    """Split a spec (a comma-separated string or a list; ``"default"`` means ``DEFAULT_TASKS``) into task strings."""
+    """Split a spec (a comma-separated string or a list; `"default"` means `DEFAULT_TASKS`) into task strings."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     names: list[str] = []
     for item in (i.strip() for i in items):
@@ -372,14 +370,14 @@ def load_tasks(
     max_examples_per_task: int | None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Dataset:
-    """Load built-in tasks as one dataset in the schema of ``comoe_peft.data``.
+    """Load built-in tasks as one dataset in the schema of `comoe_peft.data`.
 
     Args:
-        spec: ``"bigbench:navigate,synthetic:arithmetic"``, a list of such strings, or ``"default"``.
+        spec: `"bigbench:navigate,synthetic:arithmetic"`, a list of such strings, or `"default"`.
         seed: seeds synthetic generation and the subset drawn when a task is larger than the cap.
-        max_examples_per_task: cap per task (a seeded subset, in original order); ``None`` keeps all
-            (synthetic tasks then have ``SYNTHETIC_SIZE`` rows).
-        cache_dir: cache folder for BIG-bench files; default ``comoe_peft.cache.default_cache_dir()``.
+        max_examples_per_task: cap per task (a seeded subset, in original order); `None` keeps all
+            (synthetic tasks then have `SYNTHETIC_SIZE` rows).
+        cache_dir: cache folder for BIG-bench files; default `comoe_peft.cache.default_cache_dir()`.
     """
     if max_examples_per_task is not None and max_examples_per_task < 1:
         raise ValueError(f"max_examples_per_task must be >= 1 or None, got {max_examples_per_task}")

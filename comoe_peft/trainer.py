@@ -192,7 +192,7 @@ class CoMoESFTTrainer(CoMoETrainerMixin, SFTTrainer):
 
         trainer = CoMoESFTTrainer(
             model=base_model,
-            args=CoMoESFTConfig(output_dir="run", max_steps=100),  # on a CPU: use_cpu=True, bf16=False
+            args=CoMoESFTConfig(output_dir="run", max_steps=2, bf16=False, report_to="none"),  # bf16=True on GPUs
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=CoMoEConfig(num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"]),

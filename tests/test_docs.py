@@ -53,10 +53,6 @@ CONFIG_PAGE = DOCS / "configuration.md"
 # here, so that nothing is left out by accident.
 NOT_DOCUMENTED = {
     "comoe_peft.__main__": "`python -m comoe_peft`, the same as the `comoe-peft` command",
-    "comoe_peft.cli": "the `comoe-peft` command; documented by its --help and the analysis page",
-    "comoe_peft.jobs": "the command's train/eval/analyze jobs (in progress)",
-    "comoe_peft.runs": "the command's run folders (in progress)",
-    "comoe_peft.analysis": "the `comoe-peft analyze` report (in progress; the analysis page is a placeholder)",
 }
 
 SUBPROCESS_ENV = {
@@ -252,7 +248,9 @@ def test_site_builds_strict(site):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "WARNING" not in result.stderr, result.stderr[-6000:]
     for page in ["index.html", "api/index.html", "configuration/index.html", "changelog/index.html",
-                 "tutorials/01_quickstart/index.html", "tutorials/02_sft_with_trl/index.html"]:
+                 "cli/index.html", "analysis/index.html", "benchmarks/index.html",
+                 "tutorials/01_quickstart/index.html", "tutorials/02_sft_with_trl/index.html",
+                 "tutorials/03_expert_specialisation/index.html", "tutorials/04_bring_your_own_data/index.html"]:
         assert (out / page).is_file(), page
     assert "Changelog" in (out / "changelog" / "index.html").read_text(encoding="utf-8")
     assert "CoMoESFTTrainer" in (out / "tutorials" / "02_sft_with_trl" / "index.html").read_text(encoding="utf-8")
@@ -344,6 +342,7 @@ base_model = LlamaForCausalLM(LlamaConfig(
     num_key_value_heads=2, pad_token_id=_tokenizer.pad_token_id))
 base_model.config._name_or_path = "tokenizer"  # so that TRL finds a tokenizer when an example passes none
 base_model.name_or_path = "tokenizer"
+tokenizer = _tokenizer
 dataset = Dataset.from_list([{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"} for a in range(8) for b in range(4)])
 """
 
@@ -370,10 +369,7 @@ def docstring_examples() -> list[tuple[str, str]]:
 
 # Docstring examples known not to run as written, with the reason. strict: the test fails once one is fixed, so that
 # its entry gets removed here.
-KNOWN_BROKEN_EXAMPLES = {
-    "comoe_peft.trainer.CoMoESFTTrainer": "CoMoESFTConfig(output_dir=..., max_steps=100) keeps TRL's default bf16=True, "
-    "which transformers rejects without a GPU (use_cpu=True is missing), and no processing_class is passed",
-}
+KNOWN_BROKEN_EXAMPLES: dict[str, str] = {}
 DOCSTRING_EXAMPLES = [
     pytest.param(label, code, id=label, marks=[pytest.mark.xfail(reason=KNOWN_BROKEN_EXAMPLES[owner], strict=True)]
                  if (owner := label.split(" (")[0]) in KNOWN_BROKEN_EXAMPLES else [])
