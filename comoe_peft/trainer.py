@@ -87,6 +87,8 @@ class CoMoETrainerMixin:
         self._comoe_setup()
 
     def _comoe_setup(self) -> None:
+        if getattr(self, "_comoe_metrics", None) is not None:
+            return  # already set up (a subclass that also calls it)
         self.comoe_model = find_comoe_model(self.model)
         self._comoe_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._refuse_reentrant_checkpointing()
