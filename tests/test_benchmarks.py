@@ -104,3 +104,27 @@ def test_prototype_benchmark_runs(dtype):
     (result,) = report["results"]
     assert set(result["arms"]) == set(prototypes.PROTO_ARMS)
     assert all(finite_positive(v) for v in result["proto_over_current"].values())
+
+
+def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path):
+    import importlib.util
+
+    from conftest import tiny_llama, tiny_tokenizer
+
+    model_dir = tmp_path / "tiny-model"
+    tokenizer = tiny_tokenizer()
+    tiny_llama(vocab=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    report = quality.main(["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--max-steps", "2",
+                           "--lambdas", "0.1"])
+    summary = report["summary"]
+    assert set(summary["accuracy"]) == {"comoe", "moe", "lora"}
+    overall = summary["paired_comoe_minus_moe"]["overall"]
+    assert len(overall["per_seed"]) == 2 and overall["n"] == 2
+    assert "comoe" in summary["specialisation"] and "moe" in summary["specialisation"]
+    assert [r["name"] for r in report["sweeps"]] == ["comoe-lambda0.1"]
+    text = (tmp_path / "q" / "quality.md").read_text()
+    assert "Paired difference" in text and "synthetic:parity" in text
