@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .files import write_json_atomic
 
 HISTORY_FILENAME = "expert_load_history.json"
 
@@ -73,8 +74,4 @@ class ExpertLoadHistoryCallback(TrainerCallback):
         if self.history and self.history[-1]["expert_load"]:
             num_experts = len(next(iter(self.history[-1]["expert_load"].values())))
         payload = {"num_experts": num_experts, "history": self.history}
-        folder = os.path.dirname(path) or "."
-        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-            json.dump(payload, handle)
-            temporary = handle.name
-        os.replace(temporary, path)
+        write_json_atomic(path, payload)

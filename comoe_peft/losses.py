@@ -105,7 +105,7 @@ def _anchor_dots_gathered(
     h: torch.Tensor, gram_blocks: torch.Tensor, anchor_idx: torch.Tensor, candidate_idx: torch.Tensor
 ) -> torch.Tensor:
     """<o_anchor, o_c> for the given candidates only (T, A, S), touching only their Gram blocks."""
-    num_tokens, num_anchors, num_candidates = candidate_idx.shape
+    num_tokens = candidate_idx.shape[0]
     token = torch.arange(num_tokens, device=h.device)
     h_anchor = h[token.unsqueeze(1), anchor_idx]  # (T, A, r)
     h_candidate = h[token.view(-1, 1, 1), candidate_idx]  # (T, A, S, r)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from comoe_peft.cache import default_cache_dir
+from comoe_peft.files import default_permissions
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -107,6 +108,7 @@ def _build_atomically(target: Path, build: Callable[[Path], None], info: dict) -
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    default_permissions(tmp, directory=True)
     try:
         build(tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=2) + "\n")

@@ -51,17 +51,16 @@ def write_loading_note(folder: str) -> None:
     Placed after the card's YAML front matter; written once (atomically), kept if the card is rewritten by peft.
     """
     import os
-    import tempfile
+    from pathlib import Path
+
+    from .files import write_text_atomic
 
     path = os.path.join(folder, "README.md")
-    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+    text = Path(path).read_text(encoding="utf-8") if os.path.isfile(path) else ""
     if LOADING_NOTE_MARKER in text:
         return
     head, body = "", text
     if text.startswith("---\n") and "\n---\n" in text[4:]:
         end = text.index("\n---\n", 4) + len("\n---\n")
         head, body = text[:end], text[end:]
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        handle.write(head + "\n" + LOADING_NOTE + "\n" + body)
-        temporary = handle.name
-    os.replace(temporary, path)
+    write_text_atomic(path, head + "\n" + LOADING_NOTE + "\n" + body)

@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .files import default_permissions, write_json_atomic
+
 RUN_CONFIG = "run_config.json"
 ADAPTER_DIR = "adapter"
 TEST_DATA_DIR = "data/test"
@@ -53,6 +55,7 @@ def start_run(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=parent))
+        default_permissions(staging, directory=True)
     except OSError as error:
         raise RunError(f"cannot write the output folder '{target}': {error.strerror or error}") from None
     return staging
@@ -87,9 +90,4 @@ def open_run(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-        temporary = handle.name
-    os.replace(temporary, path)
+    write_json_atomic(path, payload)

@@ -182,3 +182,20 @@ def test_tasks_can_mix_the_papers_benchmarks_with_built_in_tasks(monkeypatch):
 def test_unknown_benchmark_is_one_line_exit_2(tmp_path, capsys):
     assert main(["train", "--tasks", "benchmark:mmlu", "--output-dir", str(tmp_path / "r")]) == 2
     assert "unknown benchmark 'mmlu'" in error_line(capsys)
+
+
+def test_run_folders_and_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from comoe_peft.files import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        staging = start_run(tmp_path / "run", overwrite=False)
+        write_json_atomic(staging / "x.json", {"a": 1})
+        assert stat.S_IMODE(os.stat(staging).st_mode) == 0o755
+        assert stat.S_IMODE(os.stat(staging / "x.json").st_mode) == 0o644
+        assert json.loads((staging / "x.json").read_text()) == {"a": 1}
+    finally:
+        os.umask(old)
