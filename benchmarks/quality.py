@@ -98,7 +98,10 @@ def summarise(results: list[dict[str, Any]], methods: list[str]) -> dict[str, An
         if rows:
             keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))]
             specialisation[m] = {k: mean_and_interval([row[k] for row in rows]) for k in keys}
-    return {"tasks": tasks, "accuracy": table, "paired_comoe_minus_moe": paired, "specialisation": specialisation}
+    runtimes = {m: statistics.fmean([r["train_runtime_s"] for r in main if r["method"] == m and r["train_runtime_s"]])
+                for m in table}
+    return {"tasks": tasks, "accuracy": table, "paired_comoe_minus_moe": paired, "specialisation": specialisation,
+            "train_runtime_s": runtimes}
 
 
 def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> str:
@@ -106,8 +109,11 @@ def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argpar
     methods = list(summary["accuracy"])
     lines = ["# Quality: CoMoE vs MoE-LoRA vs LoRA", "",
              f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`  ",
-             f"Machine: {platform.machine()} CPU, Python {platform.python_version()}; wall time {seconds / 60:.1f} min; "
-             f"seeds {args.seeds}; tasks `{args.tasks}`; preset `{args.preset}`; held-out {args.test_size} per task.",
+             f"Machine: {platform.machine()} CPU, Python {platform.python_version()}; this invocation {seconds / 60:.1f} "
+             f"min (finished runs are reused); seeds {args.seeds}; tasks `{args.tasks}`; preset `{args.preset}`; "
+             f"max steps {args.max_steps or 'preset'}; held-out {args.test_size} per task.",
+             "", "Training time per run (trainer's train_runtime, seconds): " + ", ".join(
+                 f"{m} {summary['train_runtime_s'][m]:.0f}" for m in summary["train_runtime_s"]),
              "", "## Accuracy (mean ± std over seeds)", "", "| task | " + " | ".join(methods) + " |",
              "|---|" + "---|" * len(methods)]
     for task in summary["tasks"]:
