@@ -76,7 +76,7 @@ TOKENIZER_CORPUS = [
 ]
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(corpus=None, vocab_size: int = 320):
     """A byte-level BPE tokenizer trained in memory on a few sentences (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -85,12 +85,12 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320,
+        vocab_size=vocab_size,
         special_tokens=["<pad>", "<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    tok.train_from_iterator(TOKENIZER_CORPUS if corpus is None else corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
