@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import platform
 import statistics
@@ -50,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comoe_peft.files import write_json_atomic, write_text_atomic
 from comoe_peft.layer import ExpertSettings
 from comoe_peft.layer import Linear as CoMoELinear
 
@@ -587,11 +587,9 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(report)
     print(table)
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_json_atomic(args.out, report)
     if args.markdown:
-        with open(args.markdown, "w") as handle:
-            handle.write(table)
+        write_text_atomic(args.markdown, table)
     return report
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import layer_speed
 
+from comoe_peft.files import write_json_atomic, write_text_atomic
 from comoe_peft import CoMoEConfig
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -364,11 +364,9 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(report)
     print(table)
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_json_atomic(args.out, report)
     if args.markdown:
-        with open(args.markdown, "w") as handle:
-            handle.write(table)
+        write_text_atomic(args.markdown, table)
     return report
 
 
