@@ -48,7 +48,8 @@ from .analysis_metrics import (
     routing_entropy,
 )
 from .data import format_prompt
-from .layer import CoMoELayer, route, router_dtype
+from .fused_down import route, router_dtype
+from .layer import CoMoELayer
 from .losses import NORM_EPS, contrastive_loss, sample_contrastive_indices
 
 TOKENS_PER_MODULE_PER_BATCH = 256  # tokens kept per module and batch for the cosine and the contrastive loss

@@ -7,6 +7,8 @@ Follow one token x (d_in) through `Linear._add_experts`:
       -> gated rank activations g_j * h_j                     -> (N*r)
       -> one up-projection [B_1 ... B_N], scaled by alpha / r -> added to the frozen output W0 x
 
+The first three steps are one autograd node with a hand-written backward (`fused_down.RoutedDownProjection`).
+
 While training, the layer also records, for the last forward, the contrastive loss (from h and the Gram matrix of
 the stacked B, see `losses.py`), the load-balancing and z losses, and routing statistics. Nothing d_out-wide per
 expert is ever built.
@@ -19,11 +21,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
 
+from .fused_down import RoutedDownProjection, route, router_dtype
 from .losses import contrastive_loss, load_balancing_loss, masked_mean, router_z_loss, sample_contrastive_indices
+
+__all__ = [
+    "CoMoELayer",
+    "ExpertSettings",
+    "ForwardContext",
+    "Linear",
+    "RoutingStats",
+    "raise_merge_error",
+    "route",  # defined in fused_down, kept importable from here
+    "router_dtype",
+    "routing_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -215,15 +229,15 @@ class Linear(nn.Module, CoMoELayer):
 
     def _add_experts(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
         settings = self.comoe_settings[adapter_name]
-        num_experts, rank = settings.num_experts, self.r[adapter_name]
         down = self.comoe_A[adapter_name]  # (N*r, d_in)
         up = self.comoe_B[adapter_name]  # (d_out, N*r)
         router = self.comoe_router[adapter_name]  # (N, d_in)
         tokens = self._cast_input_dtype(x, down.dtype).reshape(-1, self.in_features)  # (T, d_in)
 
-        h, router_logits = self._down_project(tokens, down, router, adapter_name)  # (T, N*r), (T, N) float32
-        probs, topk_idx, gates = route(router_logits, settings.top_k)  # (T, N), (T, k), (T, N)
-        gated = (h.view(-1, num_experts, rank) * gates.to(h.dtype).unsqueeze(-1)).view_as(h)  # (T, N*r)
+        expert_input, router_input = self._expert_and_router_inputs(tokens, adapter_name)
+        gated, h, router_logits, topk_idx, probs = RoutedDownProjection.apply(
+            expert_input, router_input, down, router, settings.num_experts, settings.top_k
+        )  # (T, N*r), (T, N*r), (T, N) float32, (T, k), (T, N)
 
         out_2d = result.reshape(-1, self.out_features)  # (T, d_out)
         if out_2d.dtype == gated.dtype:
@@ -233,21 +247,17 @@ class Linear(nn.Module, CoMoELayer):
         self._record(adapter_name, settings, h, up, router_logits, probs, topk_idx, x)
         return out_2d.view(result.shape)
 
-    def _down_project(
-        self, tokens: torch.Tensor, down: torch.Tensor, router: torch.Tensor, adapter_name: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank-space activations of every expert (T, N*r) and float32 router logits (T, N)."""
+    def _expert_and_router_inputs(self, tokens: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' input (after dropout) and the router's input (after jitter); the same tensor when neither
+        is active, which lets `RoutedDownProjection` read x once for both."""
         dropout = self.comoe_dropout[adapter_name]
+        expert_input = dropout(tokens) if self.training and isinstance(dropout, nn.Dropout) else tokens
         jitter = self.comoe_settings[adapter_name].router_jitter_noise if self.training else 0.0
-        dropout_active = self.training and isinstance(dropout, nn.Dropout)
-        if not dropout_active and jitter == 0.0 and down.dtype == router_dtype(down.dtype):
-            fused = tokens @ torch.cat([down, router]).t()  # (T, N*r + N): one pass over x
-            return fused[:, : down.shape[0]], fused[:, down.shape[0] :]
-        h = dropout(tokens) @ down.t()  # (T, N*r)
-        router_input = tokens.to(router_dtype(tokens.dtype))
+        router_input = tokens
         if jitter > 0:
-            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
-        return h, F.linear(router_input, router.to(router_input.dtype))  # router in float32 (or float64)
+            noise = torch.empty_like(tokens).uniform_(1.0 - jitter, 1.0 + jitter)  # (T, d_in)
+            router_input = tokens * noise
+        return expert_input, router_input
 
     def _record(
         self,
@@ -280,26 +290,6 @@ class Linear(nn.Module, CoMoELayer):
 
     def __repr__(self) -> str:
         return "comoe." + super().__repr__()
-
-
-def router_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The router computes in float32, or float64 when everything is float64 (e.g. gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k routing in float32.
-
-    Returns the probabilities (T, N), the activated experts (T, k) and the dense gate matrix (T, N): the top-k
-    probabilities renormalised to sum to 1, zero elsewhere. With k = 1 the raw probability is kept (as in the
-    Switch Transformer), since a renormalised single gate is constantly 1 and the router would never learn.
-    """
-    probs = router_logits.to(router_dtype(router_logits.dtype)).softmax(dim=-1)  # (T, N)
-    topk_probs, topk_idx = probs.topk(top_k, dim=-1)  # (T, k)
-    if top_k > 1:
-        topk_probs = topk_probs / topk_probs.sum(dim=-1, keepdim=True)
-    gates = torch.zeros_like(probs).scatter(1, topk_idx, topk_probs)  # (T, N)
-    return probs, topk_idx, gates
 
 
 @torch.no_grad()

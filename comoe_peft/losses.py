@@ -23,6 +23,10 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 CONTRASTIVE_EPS = 1e-3  # the epsilon of the paper's Algorithm 1, added to the softmax denominator
 NORM_EPS = 1e-6  # an expert output shorter than this has no direction: its cosines are 0 and pass no gradient
+# Up to this many expert columns (N*r), sampled negatives use the dense anchor-against-all-experts GEMM too and pick
+# their candidates from it: on a 2-core CPU at N*r = 64 that is 14% faster per layer step than gathering each
+# candidate's (r, r) Gram block (benchmarks/prototypes.py). Above it, the gathers do less work than the dense GEMM.
+DENSE_CONTRASTIVE_MAX_COLUMNS = 256
 
 
 @dataclass
@@ -156,7 +160,7 @@ def contrastive_logits(
     negatives = indices.negative_idx.unsqueeze(1).expand(num_tokens, num_anchors, -1)  # (T, A, M)
     candidates = torch.cat([indices.positive_idx, negatives], dim=-1)  # (T, A, S), S = P + M
     token = torch.arange(num_tokens, device=h.device)
-    if indices.all_negatives:
+    if indices.all_negatives or num_experts * h.shape[2] <= DENSE_CONTRASTIVE_MAX_COLUMNS:
         dots_all = _anchor_dots_dense(h, expert_gram, indices.anchor_idx)  # (T, A, N)
         dots = dots_all.gather(2, candidates)  # (T, A, S)
         squared_all = _squared_norms(h, gram_blocks)  # (T, N)

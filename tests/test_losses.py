@@ -8,6 +8,7 @@ import pytest
 import torch
 from reference import contrastive_loss_literal, finite
 
+from comoe_peft import losses
 from comoe_peft.losses import (
     contrastive_logits,
     contrastive_loss,
@@ -32,6 +33,14 @@ def pairs_of(down, up):
     return [(down[i * R : (i + 1) * R], up[:, i * R : (i + 1) * R]) for i in range(N)]
 
 
+@pytest.fixture(params=["dense", "gathered"])
+def contrastive_path(request, monkeypatch):
+    """Runs a test on both ways of getting sampled negatives' dot products (dense GEMM or Gram-block gathers)."""
+    limit = losses.DENSE_CONTRASTIVE_MAX_COLUMNS if request.param == "dense" else 0
+    monkeypatch.setattr(losses, "DENSE_CONTRASTIVE_MAX_COLUMNS", limit)
+    return request.param
+
+
 def fast_loss(down, up, tokens, indices, temperature=0.1, token_mask=None):
     h = (tokens @ down.t()).view(-1, N, R)
     return contrastive_loss(h, up, indices, temperature, token_mask)
@@ -40,7 +49,7 @@ def fast_loss(down, up, tokens, indices, temperature=0.1, token_mask=None):
 @pytest.mark.parametrize("anchor", ["random", "all"])
 @pytest.mark.parametrize("num_negatives", [None, 2])
 @pytest.mark.parametrize("temperature", [0.1, 1.0])
-def test_contrastive_loss_equals_literal_algorithm_1(anchor, num_negatives, temperature):
+def test_contrastive_loss_equals_literal_algorithm_1(anchor, num_negatives, temperature, contrastive_path):
     down, up, tokens, topk_idx = experts()
     torch.manual_seed(3)
     indices = sample_contrastive_indices(topk_idx, N, anchor, num_negatives)
@@ -83,7 +92,7 @@ def test_random_anchor_is_uniform_over_activated_experts():
     assert abs(share - 0.5) < 0.02
 
 
-def test_sampled_negatives_keep_the_denominator_unbiased():
+def test_sampled_negatives_keep_the_denominator_unbiased(contrastive_path):
     down, up, tokens, topk_idx = experts(seed=1)
     h = (tokens @ down.t()).view(-1, N, R)
     full = sample_contrastive_indices(topk_idx, N, "all", None)
@@ -101,7 +110,7 @@ def test_sampled_negatives_keep_the_denominator_unbiased():
     assert not torch.allclose(draws[0].double(), target.double(), rtol=0.05)  # a single draw is noisy
 
 
-def test_sampled_negatives_touch_only_the_sampled_experts():
+def test_sampled_negatives_touch_only_the_sampled_experts(contrastive_path):
     down, up, tokens, topk_idx = experts(seed=2)
     torch.manual_seed(0)
     indices = sample_contrastive_indices(topk_idx, N, "random", 1)
@@ -121,7 +130,7 @@ def test_sampled_negatives_touch_only_the_sampled_experts():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("num_negatives", [None, 2])
-def test_finite_at_initialisation_when_every_expert_output_is_zero(dtype, num_negatives):
+def test_finite_at_initialisation_when_every_expert_output_is_zero(dtype, num_negatives, contrastive_path):
     down, up, tokens, topk_idx = experts(zero_b=True, dtype=dtype)
     down.requires_grad_(True)
     up.requires_grad_(True)

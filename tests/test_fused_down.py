@@ -1,0 +1,102 @@
+"""The hand-written autograd node of the CoMoE layer: gradients, the float32 router, what it keeps for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comoe_peft.fused_down import RoutedDownProjection, route
+
+
+def plain_autograd(expert_input, router_input, down, router, num_experts, top_k):
+    """The same computation written with ordinary autograd ops (the float32 router included)."""
+    logit_dtype = torch.float64 if expert_input.dtype == torch.float64 else torch.float32
+    h = expert_input @ down.t()  # (T, N*r)
+    logits = router_input.to(logit_dtype) @ router.to(logit_dtype).t()  # (T, N)
+    _, _, gates = route(logits, top_k)
+    gated = (h.view(h.shape[0], num_experts, -1) * gates.to(h.dtype).unsqueeze(-1)).view_as(h)
+    return gated, h, logits
+
+
+def downstream(gated, h, logits):
+    """A scalar that depends on all three differentiable outputs, as the layer's losses do."""
+    return gated.float().sin().sum() + h.float().pow(2).sum() * 0.1 + logits.float().cos().sum()
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("shared_input", [True, False], ids=["fused", "separate-router-input"])
+def test_gradcheck_float64(top_k, shared_input):
+    torch.manual_seed(top_k)
+    num_experts, rank, d_in = 4, 2, 5
+    x = torch.randn(6, d_in, dtype=torch.float64, requires_grad=True)
+    x_router = x if shared_input else torch.randn(6, d_in, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(num_experts * rank, d_in, dtype=torch.float64, requires_grad=True)
+    router = torch.randn(num_experts, d_in, dtype=torch.float64, requires_grad=True)
+
+    def run(x_in, x_router_in, down_in, router_in):
+        router_in_x = x_in if shared_input else x_router_in
+        gated, h, logits, _, _ = RoutedDownProjection.apply(x_in, router_in_x, down_in, router_in, num_experts, top_k)
+        return gated, h.pow(2), logits.sin()
+
+    assert torch.autograd.gradcheck(run, (x, x_router, down, router))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared_input", [True, False], ids=["fused", "separate-router-input"])
+def test_matches_plain_autograd_and_router_is_float32(dtype, shared_input):
+    torch.manual_seed(0)
+    num_experts, rank, d_in, top_k = 4, 3, 16, 2
+    x = torch.randn(32, d_in, dtype=dtype, requires_grad=True)
+    x_router = x if shared_input else (x.detach() * 1.01).requires_grad_()
+    down = (torch.randn(num_experts * rank, d_in) * 0.2).to(dtype).requires_grad_()
+    router = (torch.randn(num_experts, d_in) * 0.2).to(dtype).requires_grad_()
+    inputs = [x] if shared_input else [x, x_router]
+    params = [*inputs, down, router]
+
+    fast = RoutedDownProjection.apply(x, x_router, down, router, num_experts, top_k)
+    slow = plain_autograd(x, x_router, down, router, num_experts, top_k)
+    assert fast[2].dtype == torch.float32, "router logits must be float32 whatever the adapter dtype"
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if dtype != torch.float32 else {}
+    for a, b in zip(fast[:3], slow):
+        torch.testing.assert_close(a, b, **tolerance)
+    fast_grads = torch.autograd.grad(downstream(*fast[:3]), params)
+    slow_grads = torch.autograd.grad(downstream(*slow), params)
+    for name, a, b in zip(["x", "router_input", "A", "W_g"][: len(params)], fast_grads, slow_grads):
+        torch.testing.assert_close(a.float(), b.float(), **tolerance, msg=lambda m, n=name: f"grad of {n}: {m}")
+        assert a.dtype == b.dtype
+
+
+def test_top_k_indices_and_probabilities_are_not_differentiable():
+    x = torch.randn(5, 8, requires_grad=True)
+    down, router = torch.randn(6, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
+    _, _, _, topk_idx, probs = RoutedDownProjection.apply(x, x, down, router, 3, 2)
+    assert not topk_idx.requires_grad and not probs.requires_grad
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+
+
+def saved_float32_bytes(fn) -> int:
+    """Bytes of float32 tensors autograd keeps for backward while `fn` runs."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        if tensor.dtype == torch.float32:
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_bf16_adapters_keep_no_float32_copy_of_the_input():
+    torch.manual_seed(0)
+    num_tokens, d_in, num_experts, rank = 256, 64, 4, 2
+    x = torch.randn(num_tokens, d_in, dtype=torch.bfloat16, requires_grad=True)
+    down = torch.randn(num_experts * rank, d_in, dtype=torch.bfloat16, requires_grad=True)
+    router = torch.randn(num_experts, d_in, dtype=torch.bfloat16, requires_grad=True)
+    float32_copy = num_tokens * d_in * 4
+    plain = saved_float32_bytes(lambda: plain_autograd(x, x, down, router, num_experts, 2))
+    fused = saved_float32_bytes(lambda: RoutedDownProjection.apply(x, x, down, router, num_experts, 2))
+    assert plain >= float32_copy, "the plain-autograd float32 router keeps a float32 copy of x (sanity check)"
+    assert fused < float32_copy / 4, f"kept {fused} float32 bytes for backward; a float32 x is {float32_copy}"
