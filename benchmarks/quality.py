@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from comoe_peft.files import write_text_atomic
 from comoe_peft.jobs import TrainOptions, analyze_run, evaluate_run, train
 from comoe_peft.runs import RUN_CONFIG, write_json
 
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lambdas", nargs="*", type=float, default=[], help="CoMoE lambda sweep (seed 0)")
     parser.add_argument("--temperatures", nargs="*", type=float, default=[], help="CoMoE tau sweep (seed 0)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: 2 synthetic tasks, 2 seeds, 4 steps")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the runs already trained and evaluated; skip (and list) the rest")
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.preset, args.max_steps, args.test_size = "synthetic:arithmetic,synthetic:parity", "quick", 4, 8
@@ -48,9 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_one(args: argparse.Namespace, name: str, method: str, seed: int, **overrides: Any) -> dict[str, Any]:
-    """Train (unless already done), evaluate and analyse one run; return its results."""
+def run_one(args: argparse.Namespace, name: str, method: str, seed: int, **overrides: Any) -> dict[str, Any] | None:
+    """Train (unless already done), evaluate and analyse one run; return its results (None if `--report-only` and
+    the run is not finished)."""
     run_dir = Path(args.out_dir) / "runs" / name
+    if args.report_only and not (run_dir / "eval_results.json").is_file():
+        print(f"not finished, left out of the report: {name}")
+        return None
     if not (run_dir / RUN_CONFIG).is_file():
         options = TrainOptions(output_dir=str(run_dir), method=method, tasks=args.tasks, model=args.model,
                                preset=args.preset, seed=seed, max_steps=args.max_steps, test_size=args.test_size,
@@ -59,6 +66,7 @@ def run_one(args: argparse.Namespace, name: str, method: str, seed: int, **overr
     result = {"name": name, "method": method, "seed": seed, "overrides": overrides,
               "accuracy": evaluate_run(str(run_dir))}
     config = json.loads((run_dir / RUN_CONFIG).read_text())
+    result["options"] = config["options"]
     result["trainable_parameters"] = config["trainable_parameters"]
     result["train_runtime_s"] = config["train_runtime_s"]
     if method in ("comoe", "moe"):
@@ -104,7 +112,8 @@ def summarise(results: list[dict[str, Any]], methods: list[str]) -> dict[str, An
             "train_runtime_s": runtimes}
 
 
-def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> str:
+def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argparse.Namespace, seconds: float,
+             references: list[dict[str, Any]] | None = None) -> str:
     """The report: accuracy table, paired difference, specialisation, sweeps, and how it was produced."""
     methods = list(summary["accuracy"])
     lines = ["# Quality: CoMoE vs MoE-LoRA vs LoRA", "",
@@ -130,9 +139,26 @@ def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argpar
         lines += ["", f"## Specialisation: {method} (mean over seeds)", "", "| metric | mean | std |", "|---|---|---|"]
         lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in metrics.items()]
     if sweeps:
-        lines += ["", "## CoMoE sweeps (seed 0)", "", "| run | overall accuracy |", "|---|---|"]
-        lines += [f"| {r['name']} | {r['accuracy']['overall']['accuracy']:.3f} |" for r in sweeps]
+        lines += ["", "## CoMoE sweeps (seed 0)", "",
+                  "lambda = 0 is MoE-LoRA; the main CoMoE run of seed 0 is given as a reference row.", "",
+                  "| run | lambda | tau | overall accuracy | held-out contrastive loss | mean pairwise cosine |",
+                  "|---|---|---|---|---|---|"]
+        for r in sweep_rows(references or [], sweeps):
+            spec = r.get("specialisation", {})
+            lines.append(f"| {r['name']} | {r['lambda']:g} | {r['tau']:g} | {r['accuracy']['overall']['accuracy']:.3f} | "
+                         f"{spec.get('contrastive_loss', float('nan')):.3f} | "
+                         f"{spec.get('mean_pairwise_cosine', float('nan')):.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def sweep_rows(references: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sweep runs plus the seed-0 MoE (lambda = 0) and CoMoE (default lambda and tau) runs, by lambda then tau."""
+    rows = []
+    for r in references + sweeps:
+        options = r.get("options", {})
+        lam = 0.0 if r["method"] == "moe" else options.get("contrastive_loss_coef", float("nan"))
+        rows.append(r | {"lambda": lam, "tau": options.get("contrastive_temperature", float("nan"))})
+    return sorted(rows, key=lambda r: (r["lambda"], r["tau"]))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -141,12 +167,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = [run_one(args, f"{m}-s{s}", m, s) for s in args.seeds for m in args.methods]
     sweeps = [run_one(args, f"comoe-lambda{v:g}", "comoe", 0, contrastive_loss_coef=v) for v in args.lambdas]
     sweeps += [run_one(args, f"comoe-tau{v:g}", "comoe", 0, contrastive_temperature=v) for v in args.temperatures]
+    results, sweeps = [r for r in results if r], [r for r in sweeps if r]
     summary = summarise(results, args.methods)
+    references = [r for r in results if r["seed"] == 0 and r["method"] in ("comoe", "moe")] if sweeps else []
     out = Path(args.out_dir)
     report = {"args": vars(args), "results": results, "sweeps": sweeps, "summary": summary,
               "wall_time_s": time.time() - started}
     write_json(out / "quality.json", report)
-    (out / "quality.md").write_text(markdown(summary, sweeps, args, report["wall_time_s"]), encoding="utf-8")
+    write_text_atomic(out / "quality.md", markdown(summary, sweeps, args, report["wall_time_s"], references))
     print((out / "quality.md").read_text(encoding="utf-8"))
     return report
 

@@ -128,3 +128,11 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
     assert [r["name"] for r in report["sweeps"]] == ["comoe-lambda0.1"]
     text = (tmp_path / "q" / "quality.md").read_text()
     assert "Paired difference" in text and "synthetic:parity" in text
+    assert "| moe-s0 | 0 | " in text and "| comoe-lambda0.1 | 0.1 | " in text, "the sweep table has its reference rows"
+
+    # --report-only reuses the finished runs and leaves out (without training) the ones that are not there
+    again = quality.main(["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--seeds", "0", "1",
+                          "5", "--lambdas", "0.1", "0.5", "--report-only"])
+    assert not (tmp_path / "q" / "runs" / "comoe-s5").exists()
+    assert [r["name"] for r in again["sweeps"]] == ["comoe-lambda0.1"]
+    assert again["summary"]["paired_comoe_minus_moe"]["overall"]["per_seed"] == overall["per_seed"]
