@@ -19,6 +19,7 @@ done by hand (right padding for scoring, left padding for generation), so the to
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -57,6 +58,12 @@ def _pad_id(tokenizer) -> int:
     if pad is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
     return pad
+
+
+def _accepts(model: torch.nn.Module, argument: str) -> bool:
+    """Whether the (base) model's forward takes `argument` (a peft wrapper passes its keyword arguments on)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(base.forward).parameters
 
 
 def _batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
@@ -132,7 +139,8 @@ def _truncate_left(context_ids: list[int], continuation_ids: list[int], limit: i
 def _continuation_logprobs(
     model: torch.nn.Module, pad_id: int, requests: Sequence[tuple[list[int], list[int]]]
 ) -> list[float]:
-    """Summed log p(continuation | context) for each (context_ids, continuation_ids), one forward."""
+    """Summed log p(continuation | context) for each (context_ids, continuation_ids), each pair one right-padded
+    sequence of one forward. The fallback for models that return no key-value cache."""
     seqs = [ctx + cont for ctx, cont in requests]
     ids, mask = _pad(seqs, pad_id, side="right")
     device = _device(model)
@@ -148,6 +156,53 @@ def _continuation_logprobs(
     return scores
 
 
+def _shared_context_logprobs(
+    model: torch.nn.Module, pad_id: int, groups: Sequence[tuple[list[int], list[list[int]]]]
+) -> list[list[float]] | None:
+    """Summed log p(continuation | context) for every continuation of every (context, continuations) group.
+
+    Each context is run once (left-padded, with explicit position ids); its last logits score every continuation's
+    first token. Continuations longer than one token then run, all at once, on the contexts' key-value cache
+    (selected per continuation), right-padded after the context. Returns None when the model gives no cache.
+    """
+    device = _device(model)
+    ids, mask = _pad([ctx for ctx, _ in groups], pad_id, side="left")  # [B, Lc]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, Lc]: left padding does not shift positions
+    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}  # skip the LM head elsewhere
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=True,
+        **last_only,
+    )
+    cache = out.get("cache") if hasattr(out, "get") else None  # transformers' model outputs name it `cache`
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]: predicts each continuation's 1st token
+    scores = [[first[b, cont[0]].item() for cont in conts] for b, (_, conts) in enumerate(groups)]
+    longer = [(b, c) for b, (_, conts) in enumerate(groups) for c, cont in enumerate(conts) if len(cont) > 1]
+    if not longer:
+        return scores
+    owner = torch.tensor([b for b, _ in longer])  # [P]: the group of each long continuation
+    tails = [groups[b][1][c] for b, c in longer]
+    tail_ids, tail_mask = _pad([t[:-1] for t in tails], pad_id, side="right")  # [P, W]: inputs predict tokens 1..
+    tail_positions = mask[owner].sum(-1, keepdim=True) + torch.arange(tail_ids.shape[1])  # [P, W]
+    cache.batch_select_indices(owner.to(device))
+    logits = model(
+        input_ids=tail_ids.to(device),
+        attention_mask=torch.cat([mask[owner], tail_mask], dim=1).to(device),  # [P, Lc + W]
+        position_ids=tail_positions.to(device),
+        cache=cache,
+        use_cache=True,
+    ).logits  # [P, W, V]
+    for p, ((b, c), tail) in enumerate(zip(longer, tails)):
+        logp = torch.log_softmax(logits[p, : len(tail) - 1].float(), dim=-1)  # [len - 1, V]
+        target = torch.tensor(tail[1:], device=device).unsqueeze(-1)  # [len - 1, 1]
+        scores[b][c] += logp.gather(-1, target).sum().item()
+    return scores
+
+
 def choice_loglikelihoods(
     model: torch.nn.Module,
     tokenizer,
@@ -158,9 +213,9 @@ def choice_loglikelihoods(
 ) -> list[list[float]]:
     """Summed log-likelihood of each choice of each row, given the row's prompt.
 
-    All (row, choice) pairs are flattened, sorted by length and scored `batch_size` sequences
-    per forward pass (choices of several rows share a batch), with right padding and an
-    attention mask.
+    The choices of a row share its prompt, so each prompt is run once and its key-value cache scores all of its
+    choices (`batch_size` prompts per forward pass, longest first). A model that returns no cache is scored on one
+    full sequence per (row, choice) instead (`batch_size` sequences per forward pass).
 
     Returns:
         One list per row, with one float per choice (natural log).
@@ -176,19 +231,44 @@ def choice_loglikelihoods(
             requests.append((_truncate_left(ctx, cont, limit), cont))
             owners.append(r)
 
-    order = sorted(range(len(requests)), key=lambda k: -sum(map(len, requests[k])))
     flat = [0.0] * len(requests)
     pad_id = _pad_id(tokenizer)
+    by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)  # context ids -> indices into `requests`
+    for k, (ctx, _) in enumerate(requests):
+        by_context[tuple(ctx)].append(k)
+    contexts = sorted(by_context, key=len, reverse=True)
     with _eval_mode(model):
-        batches = list(_batches(order, batch_size))
-        for batch in tqdm(batches, desc="scoring choices", disable=not progress):
-            for k, score in zip(batch, _continuation_logprobs(model, pad_id, [requests[k] for k in batch])):
-                flat[k] = score
+        batches = list(_batches(contexts, batch_size))
+        for index, batch in enumerate(tqdm(batches, desc="scoring choices", disable=not progress)):
+            groups = [(list(ctx), [requests[k][1] for k in by_context[ctx]]) for ctx in batch]
+            scores = _shared_context_logprobs(model, pad_id, groups)
+            if scores is None:  # no key-value cache: score full sequences, for this and every later batch
+                remaining = [k for ctx in contexts[index * batch_size :] for k in by_context[ctx]]
+                _score_full_sequences(model, pad_id, requests, remaining, batch_size, flat)
+                break
+            for ctx, group_scores in zip(batch, scores):
+                for k, score in zip(by_context[ctx], group_scores):
+                    flat[k] = score
 
     per_row: list[list[float]] = [[] for _ in rows]
     for k, r in enumerate(owners):
         per_row[r].append(flat[k])
     return per_row
+
+
+def _score_full_sequences(
+    model: torch.nn.Module,
+    pad_id: int,
+    requests: Sequence[tuple[list[int], list[int]]],
+    indices: Sequence[int],
+    batch_size: int,
+    flat: list[float],
+) -> None:
+    """Fill `flat[k]` for each k in `indices` with `_continuation_logprobs`, longest sequences first."""
+    order = sorted(indices, key=lambda k: -sum(map(len, requests[k])))
+    for batch in _batches(order, batch_size):
+        for k, score in zip(batch, _continuation_logprobs(model, pad_id, [requests[k] for k in batch])):
+            flat[k] = score
 
 
 def score_choices(

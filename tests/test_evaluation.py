@@ -111,6 +111,22 @@ def test_loglikelihoods_match_an_unpadded_reference(model, tokenizer):
         assert row_scores == pytest.approx(expected, abs=1e-4)
 
 
+def test_choices_share_their_prompt_s_cache(model, tokenizer, monkeypatch):
+    """A model with a key-value cache runs each prompt once; the full-sequence fallback is not used."""
+    calls = []
+    monkeypatch.setattr(evaluation, "_continuation_logprobs", lambda *a: pytest.fail("fallback used"))
+    original_forward = model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return original_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    choice_loglikelihoods(model, tokenizer, MC_ROWS, prompt_fn, batch_size=16)
+    assert calls[0][0] == len(MC_ROWS), "one sequence per prompt, not one per (prompt, choice)"
+    assert len(calls) <= 2
+
+
 def test_batched_scores_equal_per_row_scores(model, tokenizer):
     batched = choice_loglikelihoods(model, tokenizer, MC_ROWS, prompt_fn, batch_size=16)
     for row, row_scores in zip(MC_ROWS, batched):
@@ -155,8 +171,8 @@ class PreferTokens(torch.nn.Module):
         with torch.no_grad():
             self.bias[preferred] = 10.0
 
-    def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))  # no key-value cache
 
 
 @pytest.fixture
@@ -183,9 +199,7 @@ def test_evaluate_counts_accuracy_per_task(prefers_yes, tokenizer, monkeypatch):
         {"task": "gen", "prompt": "y", "choices": [], "answer": "7"},
     ]
     generated = {"x\nAnswer:": "5", "y\nAnswer:": "8"}
-    monkeypatch.setattr(
-        evaluation, "generate_answers", lambda m, t, rs, fn, *a, **k: [generated[fn(r)] for r in rs]
-    )
+    monkeypatch.setattr(evaluation, "generate_answers", lambda m, t, rs, fn, *a, **k: [generated[fn(r)] for r in rs])
     results = evaluate(prefers_yes, tokenizer, rows, prompt_fn, batch_size=3, progress=False)
     assert results["a"] == {"accuracy": pytest.approx(2 / 3), "n": 3, "kind": "multiple_choice"}
     assert results["b"] == {"accuracy": 0.0, "n": 1, "kind": "multiple_choice"}
@@ -252,3 +266,24 @@ def test_format_table_single_and_several_methods():
     assert lines[0].split() == ["task", "kind", "n", "comoe", "lora"]
     assert lines[2].split()[-2:] == ["0.250", "1.000"]
     assert lines[3].split()[-2:] == ["0.500", "-"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-comoe"])
+def test_shared_prompt_scores_equal_full_sequence_scores(arch, tokenizer, monkeypatch):
+    """Other architectures and a peft-wrapped CoMoE model: the cached path gives the full-sequence scores."""
+    from conftest import tiny_gpt2, tiny_llama
+
+    if arch == "gpt2":
+        model = tiny_gpt2(vocab=len(tokenizer)).eval()
+    else:
+        from peft import get_peft_model
+
+        from comoe_peft import CoMoEConfig
+
+        config = CoMoEConfig(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, r=4, init_weights=False)
+        model = get_peft_model(tiny_llama(vocab=len(tokenizer)), config).eval()
+    cached = choice_loglikelihoods(model, tokenizer, MC_ROWS, prompt_fn, batch_size=3)
+    monkeypatch.setattr(evaluation, "_shared_context_logprobs", lambda *a: None)  # force the fallback
+    full = choice_loglikelihoods(model, tokenizer, MC_ROWS, prompt_fn, batch_size=3)
+    for a, b in zip(cached, full):
+        assert a == pytest.approx(b, abs=1e-4)
