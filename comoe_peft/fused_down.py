@@ -16,7 +16,9 @@ costs one dx GEMM and one weight GEMM per input.
 The router always computes in float32 (float64 when the input is float64). When the experts' input is already
 in that dtype and is the router's input too (no dropout, no jitter), one GEMM over [A_1; ...; A_N; W_g] gives h
 and the logits in a single pass over x. Otherwise the experts use their own GEMM and the router casts its input
-to float32 on the fly, in the forward and again in the backward, so no float32 copy of the input is kept.
+to float32 on the fly, so no float32 copy of the input is kept for backward. In the backward, a shared input (bf16
+or fp16 adapters without dropout) lets the logits' gradient, cast to the adapter dtype, join the experts' two
+GEMMs; a separate router input (dropout or jitter) is cast to float32 again for the router's own two GEMMs.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ class RoutedDownProjection(torch.autograd.Function):
         num_tokens, rank_total = expert_input.shape[0], down.shape[0]
         rank = rank_total // num_experts
         logit_dtype = router_dtype(expert_input.dtype)
-        fused = router_input is expert_input and expert_input.dtype == logit_dtype
-        if fused:
+        shared = router_input is expert_input  # one input: one dx GEMM and one weight GEMM in the backward
+        if shared and expert_input.dtype == logit_dtype:
             both = expert_input @ torch.cat([down, router.to(down.dtype)]).t()  # (T, N*r + N): one pass over x
             h, logits = both[:, :rank_total], both[:, rank_total:]
         else:
@@ -74,7 +76,7 @@ class RoutedDownProjection(torch.autograd.Function):
         ctx.mark_non_differentiable(topk_idx, probs)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(expert_input, router_input, down, router, h, gates, probs if top_k == 1 else None)
-        ctx.settings = (num_experts, rank, top_k, fused)
+        ctx.settings = (num_experts, rank, top_k, shared)
         return gated.view(num_tokens, rank_total), h, logits, topk_idx, probs
 
     @staticmethod
@@ -87,13 +89,13 @@ class RoutedDownProjection(torch.autograd.Function):
         _grad_probs: None,
     ) -> tuple[torch.Tensor | None, ...]:
         expert_input, router_input, down, router, h, gates, probs = ctx.saved_tensors
-        num_experts, rank, top_k, fused = ctx.settings
+        num_experts, rank, top_k, shared = ctx.settings
         num_tokens = h.shape[0]
         grad_rank, grad_router_logits = _rank_and_logit_grads(
             grad_gated, grad_h, grad_logits, h.view(num_tokens, num_experts, rank), gates, probs, top_k
         )  # (T, N*r) in h's dtype, (T, N) float32
         needs = ctx.needs_input_grad
-        if fused:
+        if shared:  # the float32 logit gradient joins the adapter-dtype GEMMs (the router weight has that dtype too)
             grad_both = torch.cat([grad_rank, grad_router_logits.to(grad_rank.dtype)], dim=1)  # (T, N*r + N)
             weight = torch.cat([down, router.to(down.dtype)])  # (N*r + N, d_in)
             grad_x = grad_both @ weight if needs[0] else None  # (T, d_in)
