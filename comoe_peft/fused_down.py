@@ -37,7 +37,8 @@ class RoutedDownProjection(torch.autograd.Function):
     """Fused down-projection, top-k routing and rank-space gating of one CoMoE layer.
 
     Inputs:
-        expert_input: (T, d_in) what the experts see (the input after dropout), in the adapter dtype.
+        expert_input: (T, d_in) what the experts see (the input, after dropout if any), in any float dtype: it is
+            cast to the adapter dtype (`down.dtype`) on the fly and kept for backward as given.
         router_input: (T, d_in) what the router sees (the input, after jitter if any); may be `expert_input`.
         down: (N*r, d_in) the stacked expert down-projections [A_1; ...; A_N].
         router: (N, d_in) the router weight W_g.
@@ -63,13 +64,14 @@ class RoutedDownProjection(torch.autograd.Function):
     ) -> tuple[torch.Tensor, ...]:
         num_tokens, rank_total = expert_input.shape[0], down.shape[0]
         rank = rank_total // num_experts
-        logit_dtype = router_dtype(expert_input.dtype)
+        logit_dtype = router_dtype(down.dtype)
+        experts_x = expert_input.to(down.dtype)  # (T, d_in); a bf16 input of fp32 adapters is cast here, not saved
         shared = router_input is expert_input  # one input: one dx GEMM and one weight GEMM in the backward
-        if shared and expert_input.dtype == logit_dtype:
-            both = expert_input @ torch.cat([down, router.to(down.dtype)]).t()  # (T, N*r + N): one pass over x
+        if shared and down.dtype == logit_dtype:
+            both = experts_x @ torch.cat([down, router.to(down.dtype)]).t()  # (T, N*r + N): one pass over x
             h, logits = both[:, :rank_total], both[:, rank_total:]
         else:
-            h = expert_input @ down.t()  # (T, N*r)
+            h = experts_x @ down.t()  # (T, N*r)
             logits = router_input.to(logit_dtype) @ router.to(logit_dtype).t()  # (T, N), float32 router
         probs, topk_idx, gates = route(logits, top_k)  # (T, N), (T, k), (T, N)
         gated = h.view(num_tokens, num_experts, rank) * gates.to(h.dtype).unsqueeze(-1)  # (T, N, r)
@@ -95,17 +97,18 @@ class RoutedDownProjection(torch.autograd.Function):
             grad_gated, grad_h, grad_logits, h.view(num_tokens, num_experts, rank), gates, probs, top_k
         )  # (T, N*r) in h's dtype, (T, N) float32
         needs = ctx.needs_input_grad
+        experts_x = expert_input.to(down.dtype)  # (T, d_in), cast again rather than kept from the forward
         if shared:  # the float32 logit gradient joins the adapter-dtype GEMMs (the router weight has that dtype too)
             grad_both = torch.cat([grad_rank, grad_router_logits.to(grad_rank.dtype)], dim=1)  # (T, N*r + N)
             weight = torch.cat([down, router.to(down.dtype)])  # (N*r + N, d_in)
-            grad_x = grad_both @ weight if needs[0] else None  # (T, d_in)
-            grad_weight = grad_both.t() @ expert_input if (needs[2] or needs[3]) else None  # (N*r + N, d_in)
+            grad_x = (grad_both @ weight).to(expert_input.dtype) if needs[0] else None  # (T, d_in)
+            grad_weight = grad_both.t() @ experts_x if (needs[2] or needs[3]) else None  # (N*r + N, d_in)
             grad_down = grad_weight[: down.shape[0]] if needs[2] else None
             grad_router = grad_weight[down.shape[0] :].to(router.dtype) if needs[3] else None
             return grad_x, None, grad_down, grad_router, None, None
         logit_dtype = grad_router_logits.dtype
-        grad_expert_input = grad_rank @ down if needs[0] else None  # (T, d_in)
-        grad_down = grad_rank.t() @ expert_input if needs[2] else None  # (N*r, d_in)
+        grad_expert_input = (grad_rank @ down).to(expert_input.dtype) if needs[0] else None  # (T, d_in)
+        grad_down = grad_rank.t() @ experts_x if needs[2] else None  # (N*r, d_in)
         grad_router_input = None
         if needs[1]:
             grad_router_input = (grad_router_logits @ router.to(logit_dtype)).to(router_input.dtype)  # (T, d_in)

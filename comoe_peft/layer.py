@@ -232,7 +232,7 @@ class Linear(nn.Module, CoMoELayer):
         down = self.comoe_A[adapter_name]  # (N*r, d_in)
         up = self.comoe_B[adapter_name]  # (d_out, N*r)
         router = self.comoe_router[adapter_name]  # (N, d_in)
-        tokens = self._cast_input_dtype(x, down.dtype).reshape(-1, self.in_features)  # (T, d_in)
+        tokens = x.reshape(-1, self.in_features)  # (T, d_in), cast to the adapter dtype inside the Function
 
         expert_input, router_input = self._expert_and_router_inputs(tokens, adapter_name)
         gated, h, router_logits, topk_idx, probs = RoutedDownProjection.apply(
@@ -251,12 +251,14 @@ class Linear(nn.Module, CoMoELayer):
         """The experts' input (after dropout) and the router's input (after jitter); the same tensor when neither
         is active, which lets `RoutedDownProjection` read x once for both."""
         dropout = self.comoe_dropout[adapter_name]
-        expert_input = dropout(tokens) if self.training and isinstance(dropout, nn.Dropout) else tokens
+        expert_input = tokens
+        if self.training and isinstance(dropout, nn.Dropout):
+            expert_input = dropout(self._cast_input_dtype(tokens, self.comoe_A[adapter_name].dtype))  # as peft LoRA
         jitter = self.comoe_settings[adapter_name].router_jitter_noise if self.training else 0.0
         router_input = tokens
         if jitter > 0:
-            noise = torch.empty_like(tokens).uniform_(1.0 - jitter, 1.0 + jitter)  # (T, d_in)
-            router_input = tokens * noise
+            router_input = tokens.to(router_dtype(self.comoe_A[adapter_name].dtype))  # (T, d_in), float32
+            router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
         return expert_input, router_input
 
     def _record(

@@ -100,3 +100,27 @@ def test_bf16_adapters_keep_no_float32_copy_of_the_input():
     fused = saved_float32_bytes(lambda: RoutedDownProjection.apply(x, x, down, router, num_experts, 2))
     assert plain >= float32_copy, "the plain-autograd float32 router keeps a float32 copy of x (sanity check)"
     assert fused < float32_copy / 4, f"kept {fused} float32 bytes for backward; a float32 x is {float32_copy}"
+
+
+def test_bf16_input_to_float32_adapters_is_cast_on_the_fly():
+    """peft keeps adapters in float32 for a bf16 model: the input is cast inside, and only the bf16 input is kept."""
+    torch.manual_seed(0)
+    num_tokens, d_in, num_experts, rank = 256, 64, 4, 2
+    x = torch.randn(num_tokens, d_in, dtype=torch.bfloat16, requires_grad=True)
+    down = torch.randn(num_experts * rank, d_in, requires_grad=True)
+    router = torch.randn(num_experts, d_in, requires_grad=True)
+    fast = RoutedDownProjection.apply(x, x, down, router, num_experts, 2)
+    x32 = x.detach().float().requires_grad_()
+    slow = plain_autograd(x32, x32, down, router, num_experts, 2)
+    for a, b in zip(fast[:3], slow):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b)
+    fast_grads = torch.autograd.grad(downstream(*fast[:3]), [x, down, router])
+    slow_grads = torch.autograd.grad(downstream(*slow), [x32, down, router])
+    assert fast_grads[0].dtype == torch.bfloat16
+    torch.testing.assert_close(fast_grads[0], slow_grads[0].bfloat16())
+    for a, b in zip(fast_grads[1:], slow_grads[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # float32 sums over 256 tokens, other order
+    kept = saved_float32_bytes(lambda: RoutedDownProjection.apply(x, x, down, router, num_experts, 2))
+    params = (down.numel() + router.numel()) * 4
+    assert kept - params < num_tokens * d_in * 4 / 4, "no float32 copy of the input is kept for backward"
