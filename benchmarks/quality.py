@@ -71,8 +71,10 @@ def run_one(args: argparse.Namespace, name: str, method: str, seed: int, **overr
     result["train_runtime_s"] = config["train_runtime_s"]
     if method in ("comoe", "moe"):
         analysis_file = run_dir / "analysis" / "analysis.json"
-        summary = (json.loads(analysis_file.read_text()) if analysis_file.is_file() else analyze_run(str(run_dir)))
-        result["specialisation"] = summary.get("summary", {})
+        if analysis_file.is_file():
+            result["specialisation"] = json.loads(analysis_file.read_text())["summary"]
+        elif not args.report_only:
+            result["specialisation"] = analyze_run(str(run_dir))["summary"]
     return result
 
 
