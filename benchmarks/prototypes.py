@@ -1,7 +1,10 @@
 """Prototypes of a faster CoMoE layer, measured against the current one with the protocol of `layer_speed.py`.
 
 Nothing here is used by the package: these are candidates for `comoe_peft/layer.py` and `comoe_peft/losses.py`,
-kept with their measurements so the change can be judged and reproduced.
+kept with their measurements so the change can be judged and reproduced. Items 1 (with the router kept in float32)
+and 4 (for sampled negatives) have since been taken into the package as `comoe_peft.fused_down.RoutedDownProjection`
+and the dense path of `comoe_peft.losses.contrastive_logits`; `benchmarks/results/prototypes_cpu.json` compares the
+prototypes with the layer as it was before that.
 
 1. `RoutedDown` + `AddUp`: hand-written torch.autograd.Functions for fused down-projection -> routing -> gated
    rank activations -> up-projection (fast-layer.md item 4). `AddUp` adds into the frozen output in place (no
