@@ -30,7 +30,7 @@ T_CRITICAL_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default="benchmarks/results/quality")
+    parser.add_argument("--out-dir", help="default: benchmarks/results/quality (quality_quick with --quick)")
     parser.add_argument("--methods", nargs="+", default=["comoe", "moe", "lora"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--tasks", default="default")
@@ -46,9 +46,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="write the report from the runs already trained and evaluated; skip (and list) the rest")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tasks, args.preset, args.max_steps, args.test_size = "synthetic:arithmetic,synthetic:parity", "quick", 4, 8
+        args.tasks, args.preset, args.test_size = "synthetic:arithmetic,synthetic:parity", "quick", 8
+        args.max_steps = args.max_steps or 4
         args.seeds, args.max_train_per_task = args.seeds[:2] if len(args.seeds) >= 2 else [0, 1], 32
+    if args.out_dir is None:
+        args.out_dir = "benchmarks/results/quality_quick" if args.quick else "benchmarks/results/quality"
     return args
+
+
+def check_reused_run(args: argparse.Namespace, run_dir: Path, method: str, seed: int, overrides: dict) -> None:
+    """Refuse to reuse a finished run that was trained with other settings than the ones asked for now."""
+    stored = json.loads((run_dir / RUN_CONFIG).read_text())["options"]
+    wanted = {"method": method, "seed": seed, "tasks": args.tasks, "preset": args.preset, "model": args.model,
+              "max_steps": args.max_steps, "test_size": args.test_size,
+              "max_train_per_task": args.max_train_per_task} | overrides
+    differ = {k: (stored.get(k), v) for k, v in wanted.items() if v is not None and stored.get(k) != v}
+    if differ:
+        details = ", ".join(f"{k}: stored {a!r}, asked {b!r}" for k, (a, b) in differ.items())
+        raise SystemExit(f"{run_dir} holds a run made with other settings ({details}); give another --out-dir, "
+                         "or delete that run to train it again")
 
 
 def run_one(args: argparse.Namespace, name: str, method: str, seed: int, **overrides: Any) -> dict[str, Any] | None:
@@ -58,7 +74,9 @@ def run_one(args: argparse.Namespace, name: str, method: str, seed: int, **overr
     if args.report_only and not (run_dir / "eval_results.json").is_file():
         print(f"not finished, left out of the report: {name}")
         return None
-    if not (run_dir / RUN_CONFIG).is_file():
+    if (run_dir / RUN_CONFIG).is_file():
+        check_reused_run(args, run_dir, method, seed, overrides)
+    else:
         options = TrainOptions(output_dir=str(run_dir), method=method, tasks=args.tasks, model=args.model,
                                preset=args.preset, seed=seed, max_steps=args.max_steps, test_size=args.test_size,
                                max_train_per_task=args.max_train_per_task, overwrite=True, **overrides)

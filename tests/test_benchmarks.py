@@ -132,7 +132,11 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
 
     # --report-only reuses the finished runs and leaves out (without training) the ones that are not there
     again = quality.main(["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--seeds", "0", "1",
-                          "5", "--lambdas", "0.1", "0.5", "--report-only"])
+                          "5", "--lambdas", "0.1", "0.5", "--max-steps", "2", "--report-only"])
     assert not (tmp_path / "q" / "runs" / "comoe-s5").exists()
     assert [r["name"] for r in again["sweeps"]] == ["comoe-lambda0.1"]
     assert again["summary"]["paired_comoe_minus_moe"]["overall"]["per_seed"] == overall["per_seed"]
+
+    # a finished run is not reused for other settings: a clear error instead of a silently wrong report
+    with pytest.raises(SystemExit, match="other settings.*max_steps: stored 2, asked 3"):
+        quality.main(["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--max-steps", "3"])
