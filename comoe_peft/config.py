@@ -11,6 +11,7 @@ from .peft_type import COMOE
 
 ANCHOR_RULES = ("random", "all")
 BIAS_OPTIONS = ("none", "all", "comoe_only")
+PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "num_experts_pattern")
 
 
 @dataclass
@@ -112,6 +113,42 @@ class CoMoEConfig(PeftConfig):
         default=0.0, metadata={"help": "Weight of the Switch-Transformer load-balancing loss; 0 = off (the paper)."}
     )
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "Weight of the router z-loss; 0 = off."})
+    use_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "Make every expert a DoRA update of the frozen weight (the paper's CoMoE-DoRA): expert j has its "
+            "own magnitude vector m_j and its layer is m_j * (W0 + s B_j A_j) / ||W0 + s B_j A_j|| (row norms, "
+            "treated as constants in backward, as in peft's DoRA). Starts equal to the base layer."
+        },
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={
+            "help": "Rank-stabilised LoRA: scale the experts by lora_alpha / sqrt(r) instead of lora_alpha / r "
+            "(with each layer's own r and alpha)."
+        },
+    )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-layer ranks that differ from r: {module name or regex: rank}, matched as in peft's "
+            "LoraConfig (the key must match the end of the module name), e.g. {'layers.0.self_attn.q_proj': 16}."
+        },
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-layer alphas that differ from lora_alpha: {module name or regex: alpha}, matched like "
+            "rank_pattern."
+        },
+    )
+    num_experts_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-layer numbers of experts that differ from num_experts (layer-wise allocation as in MoLA): "
+            "{module name or regex: N}, matched like rank_pattern. top_k is the same everywhere."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -124,6 +161,10 @@ class CoMoEConfig(PeftConfig):
             self.layers_to_transform = [self.layers_to_transform]
         if self.contrastive_layers is not None:
             self.contrastive_layers = sorted({int(i) for i in self.contrastive_layers})
+        for name in PATTERN_FIELDS:
+            value = getattr(self, name)
+            _require(value is None or isinstance(value, dict), name, f"must be a dict, got {value!r}")
+            setattr(self, name, dict(value or {}))  # a copy: the caller's dict is never changed
         self._validate()
 
     @property
@@ -163,12 +204,32 @@ class CoMoEConfig(PeftConfig):
         )
         if self.uses_contrastive_loss:
             self._validate_contrastive_routing()
+        self._validate_patterns()
         if self.contrastive_layers is not None:
             _require(
                 all(i >= 0 for i in self.contrastive_layers),
                 "contrastive_layers",
                 f"must be non-negative layer indices, got {self.contrastive_layers!r}",
             )
+
+    def _validate_patterns(self) -> None:
+        for key, rank in self.rank_pattern.items():
+            _require(_is_positive_int(rank), "rank_pattern", f"entry {key!r} must be a positive integer, got {rank!r}")
+        for key, alpha in self.alpha_pattern.items():
+            _require(
+                isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0,
+                "alpha_pattern",
+                f"entry {key!r} must be positive, got {alpha!r}",
+            )
+        for key, num_experts in self.num_experts_pattern.items():
+            _require(
+                _is_positive_int(num_experts) and num_experts >= 2,
+                "num_experts_pattern",
+                f"entry {key!r} must be an integer >= 2 (a single expert is plain LoRA), got {num_experts!r}",
+            )
+            # contrastive_layers set: whether this layer computes the loss is known only at injection
+            contrastive = self.uses_contrastive_loss and self.contrastive_layers is None
+            check_layer_experts(self, num_experts, contrastive, "num_experts_pattern", f"the modules matching {key!r}")
 
     def _validate_contrastive_routing(self) -> None:
         _require(
@@ -191,6 +252,37 @@ class CoMoEConfig(PeftConfig):
             f"must be None (all inactive experts) or an integer in [1, num_experts - top_k = {max_negatives}], "
             f"got {self.num_negatives!r}",
         )
+
+
+def check_layer_experts(
+    config: CoMoEConfig, num_experts: int, contrastive: bool, field_name: str, where: str
+) -> None:
+    """Raise a ValueError if a layer with `num_experts` experts cannot route `config.top_k` of them (or, when it
+    computes the contrastive loss, has no negative, or fewer inactive experts than `config.num_negatives`)."""
+    top_k = config.top_k
+    _require(
+        top_k <= num_experts,
+        field_name,
+        f"gives {where} {num_experts} experts, fewer than top_k={top_k}; use at least top_k experts there",
+    )
+    if not contrastive:
+        return
+    _require(
+        top_k < num_experts,
+        field_name,
+        f"gives {where} {num_experts} experts while contrastive_loss_coef > 0 and top_k={top_k}: an inactive expert "
+        "is needed as a negative, so that layer needs more than top_k experts",
+    )
+    _require(
+        config.num_negatives is None or config.num_negatives <= num_experts - top_k,
+        field_name,
+        f"gives {where} {num_experts} experts, so {num_experts - top_k} inactive expert(s) per token, fewer than "
+        f"num_negatives={config.num_negatives}",
+    )
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _require(condition: bool, field_name: str, message: str) -> None:

@@ -24,6 +24,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
 
+from .dora import dora_mixture, reset_magnitude
 from .fused_down import RoutedDownProjection, route, router_dtype
 from .losses import contrastive_loss, load_balancing_loss, masked_mean, router_z_loss, sample_contrastive_indices
 
@@ -96,7 +97,7 @@ class ForwardContext:
 class CoMoELayer(BaseTunerLayer):
     """peft tuner-layer mixin holding every adapter's experts and router, keyed by adapter name."""
 
-    adapter_layer_names: tuple[str, ...] = ("comoe_A", "comoe_B", "comoe_router")
+    adapter_layer_names: tuple[str, ...] = ("comoe_A", "comoe_B", "comoe_router", "comoe_magnitude")
     other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "comoe_dropout", "comoe_settings")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -109,6 +110,7 @@ class CoMoELayer(BaseTunerLayer):
         self.comoe_A = nn.ParameterDict({})  # (N*r, d_in): the experts' down-projections, stacked
         self.comoe_B = nn.ParameterDict({})  # (d_out, N*r): the experts' up-projections, side by side
         self.comoe_router = nn.ParameterDict({})  # (N, d_in): the router, bias-free
+        self.comoe_magnitude = nn.ParameterDict({})  # (N, d_out): DoRA experts' magnitudes (use_dora only)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.cast_input_dtype_enabled = True
@@ -128,24 +130,35 @@ class CoMoELayer(BaseTunerLayer):
         settings: ExpertSettings,
         init_weights: bool = True,
         router_init_std: float = 0.02,
+        use_dora: bool = False,
+        use_rslora: bool = False,
     ) -> None:
-        """Create (or replace) the experts and router of `adapter_name` on this layer."""
+        """Create (or replace) the experts and router of `adapter_name` on this layer.
+
+        `use_dora` gives every expert a magnitude vector (see `comoe_peft.dora`); `use_rslora` scales the experts by
+        lora_alpha / sqrt(r) instead of lora_alpha / r.
+        """
         num_experts = settings.num_experts
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / r
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.comoe_settings[adapter_name] = settings
         self.comoe_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.comoe_A[adapter_name] = nn.Parameter(torch.empty(num_experts * r, self.in_features))
         self.comoe_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, num_experts * r))
         self.comoe_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
+        if use_dora:
+            self.comoe_magnitude[adapter_name] = nn.Parameter(torch.empty(num_experts, self.out_features))
+        elif adapter_name in self.comoe_magnitude:
+            del self.comoe_magnitude[adapter_name]  # the adapter is re-created without DoRA
         self.reset_parameters(adapter_name, init_weights, router_init_std)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, init_weights: bool = True, router_init_std: float = 0.02) -> None:
-        """A like LoRA (Kaiming-uniform per expert), B = 0 (or random if `init_weights` is False), router N(0, std)."""
+        """A like LoRA (Kaiming-uniform per expert), B = 0 (or random if `init_weights` is False), router N(0, std);
+        DoRA magnitudes m_j = ||W0 + s B_j A_j|| (row norms), so that each DoRA expert starts as its LoRA update."""
         if adapter_name not in self.comoe_A or self.comoe_A[adapter_name].is_meta:
             return
         r = self.r[adapter_name]
@@ -157,6 +170,8 @@ class CoMoELayer(BaseTunerLayer):
         else:
             nn.init.normal_(self.comoe_B[adapter_name], std=1.0 / math.sqrt(r))
         nn.init.normal_(self.comoe_router[adapter_name], std=router_init_std)
+        if adapter_name in self.comoe_magnitude:
+            reset_magnitude(self, adapter_name)
 
     # ------------------------------------------------------------------ merging is impossible
 
@@ -208,12 +223,16 @@ class Linear(nn.Module, CoMoELayer):
         settings: ExpertSettings,
         init_weights: bool = True,
         router_init_std: float = 0.02,
+        use_dora: bool = False,
+        use_rslora: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         CoMoELayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, settings, init_weights, router_init_std)
+        self.update_layer(
+            adapter_name, r, lora_alpha, lora_dropout, settings, init_weights, router_init_std, use_dora, use_rslora
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The frozen layer's output plus, for each active adapter, the gated sum of its top-k experts."""
@@ -240,6 +259,8 @@ class Linear(nn.Module, CoMoELayer):
         )  # (T, N*r), (T, N*r), (T, N) float32, (T, k), (T, N)
 
         out_2d = result.reshape(-1, self.out_features)  # (T, d_out)
+        if adapter_name in self.comoe_magnitude:  # DoRA experts: rescale W0 x, use [c_j B_j] as B (dora.py)
+            out_2d, up = dora_mixture(self, adapter_name, x, out_2d, up, router_logits, topk_idx)
         if out_2d.dtype == gated.dtype:
             out_2d = torch.addmm(out_2d, gated, up.t(), alpha=self.scaling[adapter_name])  # W0 x + s * B g h
         else:

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import CoMoEConfig
+from .config import CoMoEConfig, check_layer_experts
 from .layer import CoMoELayer, ExpertSettings, ForwardContext, Linear, RoutingStats, raise_merge_error
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
@@ -55,12 +56,14 @@ class CoMoEModel(BaseTuner):
         self._refuse_output_head(target, current_key)
         settings = _expert_settings(peft_config, current_key)
         layer_args = dict(
-            r=peft_config.r,
-            lora_alpha=peft_config.lora_alpha,
+            r=_pattern_value(peft_config.rank_pattern, current_key, peft_config.r),
+            lora_alpha=_pattern_value(peft_config.alpha_pattern, current_key, peft_config.lora_alpha),
             lora_dropout=peft_config.lora_dropout,
             settings=settings,
             init_weights=peft_config.init_weights,
             router_init_std=peft_config.router_init_std,
+            use_dora=peft_config.use_dora,
+            use_rslora=peft_config.use_rslora,
         )
         if isinstance(target, CoMoELayer):
             target.update_layer(adapter_name, **layer_args)
@@ -184,12 +187,22 @@ def _create_new_module(
     return Linear(target, adapter_name, **layer_args)
 
 
+def _pattern_value(pattern: dict[str, Any], current_key: str, default: Any) -> Any:
+    """The value of the first `pattern` key that matches the module name, with peft's own rule (`get_pattern_key`,
+    as `LoraModel._create_and_replace` uses it for rank_pattern and alpha_pattern), else `default`."""
+    return pattern.get(get_pattern_key(pattern.keys(), current_key), default)
+
+
 def _expert_settings(config: CoMoEConfig, current_key: str) -> ExpertSettings:
+    num_experts = _pattern_value(config.num_experts_pattern, current_key, config.num_experts)
+    contrastive = config.uses_contrastive_loss and _in_contrastive_layers(config, current_key)
+    field_name = "num_experts_pattern" if num_experts != config.num_experts else "num_experts"
+    check_layer_experts(config, num_experts, contrastive, field_name, f"module {current_key!r}")
     return ExpertSettings(
-        num_experts=config.num_experts,
+        num_experts=num_experts,
         top_k=config.top_k,
         router_jitter_noise=config.router_jitter_noise,
-        contrastive=config.uses_contrastive_loss and _in_contrastive_layers(config, current_key),
+        contrastive=contrastive,
         contrastive_temperature=config.contrastive_temperature,
         num_negatives=config.num_negatives,
         anchor=config.anchor,

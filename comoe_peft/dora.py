@@ -1,0 +1,178 @@
+"""DoRA experts (CoMoE-DoRA): every expert is a weight-decomposed update of the frozen weight, with its own magnitude.
+
+Expert j of a layer with frozen weight W0 (d_out, d_in), rank-r factors A_j (r, d_in), B_j (d_out, r), scaling s and
+magnitude m_j (d_out) is the layer (DoRA, Liu et al. 2024; per expert as in MoE-PEFT's MixDoRA)
+
+    W_j' = c_j * (W0 + s B_j A_j),   c_j = m_j / n_j,   n_j = ||W0 + s B_j A_j||  (norm of each output row)
+
+with n_j treated as a constant in backward (detached, as peft's DoRA does). The mixture with gates g (T, N) is
+
+    y = W0 x + sum_j g_j (W_j' x - W0 x) + bias
+      = (W0 x) * (1 + sum_j g_j (c_j - 1)) + s * [c_1 B_1 ... c_N B_N] (g * h) + bias,    h_j = A_j x.
+
+With top_k > 1 the gates sum to 1, so this is the gated average sum_j g_j W_j' x + bias; with top_k = 1 the gate is
+the raw probability p and the base keeps the weight 1 - p. Either way, at initialisation (B = 0, m_j = ||W0||) every
+c_j is 1 and the layer equals the base layer.
+
+Nothing d_out x d_in is built per expert. The squared row norms come from three small products:
+
+    n_j^2 = ||W0_row||^2 + 2 s (W0 A_j^T * B_j).sum(-1) + s^2 ((B_j (A_j A_j^T)) * B_j).sum(-1),
+
+i.e. the row norms of W0, one (d_out, N*r) GEMM W0 A_cat^T and the N diagonal (r, r) blocks of A_cat A_cat^T.
+
+The contrastive loss contrasts o_j = c_j * (B_j h_j), expert j's own rank-space update as it enters the output, i.e. the
+Gram trick runs on the scaled up-projections [c_1 B_1 ... c_N B_N] (see docs/concepts.md).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from peft.utils.integrations import dequantize_module_weight
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .fused_down import router_dtype
+
+if TYPE_CHECKING:
+    from .layer import CoMoELayer
+
+NORM_FLOOR = 1e-12  # a zero row (zero weight and zero update) gets this norm instead of a division by zero
+
+
+def base_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The frozen weight W0 as (d_out, d_in): transposed for a transformers Conv1D (stored (in, out)), dequantized for a
+    quantized layer (bitsandbytes, HQQ, torchao, through peft's `dequantize_module_weight`)."""
+    if isinstance(base_layer, Conv1D):
+        return base_layer.weight.t()  # (in, out) -> (out, in)
+    return dequantize_module_weight(base_layer)
+
+
+@torch.no_grad()
+def expert_row_norms(
+    weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, num_experts: int, scaling: float
+) -> torch.Tensor:
+    """n_j = ||W0 + s B_j A_j|| per output row, for every expert, without forming any expert's weight: (N, d_out).
+
+    Args:
+        weight: (d_out, d_in) the frozen W0.
+        down: (N*r, d_in) the stacked A_j.
+        up: (d_out, N*r) the B_j side by side.
+
+    Computed in float32 (float64 if the adapter is float64) and detached.
+    """
+    compute = router_dtype(down.dtype)
+    d_out, d_in = weight.shape
+    rank = down.shape[0] // num_experts
+    down = down.to(device=weight.device, dtype=compute)
+    up = up.to(device=weight.device, dtype=compute).view(d_out, num_experts, rank)  # (d_out, N, r)
+    base_sq = torch.linalg.vector_norm(weight, dim=1, dtype=compute).square()  # (d_out,) ||W0 rows||^2
+    gemm_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else compute  # no float copy of W0
+    cross = (weight.to(gemm_dtype) @ down.t().to(gemm_dtype)).to(compute).view(d_out, num_experts, rank)  # W0 A_j^T
+    a = down.view(num_experts, rank, d_in)  # (N, r, d_in)
+    a_gram = a @ a.transpose(1, 2)  # (N, r, r): the diagonal blocks A_j A_j^T
+    linear = (cross * up).sum(-1)  # (d_out, N)
+    quadratic = torch.einsum("dnr,nrs,dns->dn", up, a_gram, up)  # (d_out, N)
+    squared = base_sq.unsqueeze(1) + (2 * scaling) * linear + (scaling * scaling) * quadratic  # (d_out, N)
+    return squared.t().clamp_min(NORM_FLOOR).sqrt()  # (N, d_out)
+
+
+def layer_row_norms(layer: CoMoELayer, adapter_name: str, up: torch.Tensor | None = None) -> torch.Tensor:
+    """`expert_row_norms` of one adapter of a CoMoE layer (N, d_out), float32, detached."""
+    settings = layer.comoe_settings[adapter_name]
+    up = layer.comoe_B[adapter_name] if up is None else up
+    weight = base_weight(layer.get_base_layer())
+    return expert_row_norms(weight, layer.comoe_A[adapter_name], up, settings.num_experts, layer.scaling[adapter_name])
+
+
+@torch.no_grad()
+def reset_magnitude(layer: CoMoELayer, adapter_name: str) -> None:
+    """m_j = ||W0 + s B_j A_j|| (= ||W0|| when B = 0), so that every c_j starts at exactly 1."""
+    magnitude = layer.comoe_magnitude[adapter_name]
+    if magnitude.is_meta or layer.comoe_A[adapter_name].is_meta or base_weight(layer.get_base_layer()).is_meta:
+        return  # loaded later (low_cpu_mem_usage)
+    magnitude.copy_(layer_row_norms(layer, adapter_name))
+
+
+def expert_scales(layer: CoMoELayer, adapter_name: str) -> torch.Tensor:
+    """c_j = m_j / n_j (N, d_out) in float32, differentiable in m (n is a constant).
+
+    n is rounded to the frozen weight's dtype and to the magnitude's dtype first, the precision m was initialised in,
+    so that c is exactly 1 at initialisation in bf16 and fp16 models too (peft's DoRA keeps its norm in the weight's
+    dtype for the same reason).
+    """
+    magnitude = layer.comoe_magnitude[adapter_name]  # (N, d_out)
+    norms = layer_row_norms(layer, adapter_name)  # (N, d_out) float32
+    weight_dtype = base_weight(layer.get_base_layer()).dtype
+    norms = norms.to(weight_dtype).to(magnitude.dtype).to(norms.dtype)
+    return magnitude.to(norms.dtype) / norms
+
+
+def dense_gates(router_logits: torch.Tensor, topk_idx: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The (T, N) gate matrix of `fused_down.route`, as a differentiable function of the router logits (T, N).
+
+    The DoRA base term needs the gates themselves (not only the gated rank activations); their gradient reaches the
+    router through the logits, which `RoutedDownProjection` accepts gradients for.
+    """
+    logits = router_logits.to(router_dtype(router_logits.dtype))
+    if top_k > 1:
+        chosen = logits.gather(1, topk_idx).softmax(dim=-1)  # (T, k): top-k probabilities renormalised
+    else:
+        chosen = logits.softmax(dim=-1).gather(1, topk_idx)  # (T, 1): the raw probability (Switch)
+    return torch.zeros_like(logits).scatter(1, topk_idx, chosen)  # (T, N)
+
+
+def frozen_output(layer: CoMoELayer, x: torch.Tensor, out_2d: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    """W0 x without the bias (T, d_out). Taken from the layer's running output when this adapter is the first active
+    one on the layer (the common case); recomputed when another active adapter has already added to it."""
+    active = [name for name in layer.active_adapters if name in layer.comoe_A]
+    base = layer.get_base_layer()
+    if active and active[0] == adapter_name:
+        frozen = out_2d
+    else:
+        frozen = layer.base_layer(x).reshape(-1, layer.out_features)  # (T, d_out)
+    bias = getattr(base, "bias", None)
+    return frozen - bias if bias is not None else frozen
+
+
+def dora_mixture(
+    layer: CoMoELayer,
+    adapter_name: str,
+    x: torch.Tensor,
+    out_2d: torch.Tensor,
+    up: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk_idx: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DoRA part of a CoMoE layer's forward.
+
+    Returns the output with the magnitude term added, (W0 x) * sum_j g_j (c_j - 1) (T, d_out), and the scaled
+    up-projections [c_1 B_1 ... c_N B_N] (d_out, N*r) that take the place of B_cat in the rest of the forward (the
+    up-projection of the gated rank activations and the contrastive loss).
+    """
+    settings = layer.comoe_settings[adapter_name]
+    scales = expert_scales(layer, adapter_name)  # (N, d_out) c_j
+    gates = dense_gates(router_logits, topk_idx, settings.top_k)  # (T, N)
+    frozen = frozen_output(layer, x, out_2d, adapter_name)  # (T, d_out) W0 x
+    base_change = gates @ (scales - 1).to(gates.dtype)  # (T, d_out) sum_j g_j (c_j - 1)
+    out_2d = out_2d + frozen * base_change.to(out_2d.dtype)
+    return out_2d, scale_columns(up, scales)
+
+
+def scale_columns(up: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """[c_1 B_1 ... c_N B_N] (d_out, N*r) from B_cat (d_out, N*r) and the scales c (N, d_out)."""
+    d_out, rank_total = up.shape
+    num_experts = scales.shape[0]
+    column_scales = scales.t().unsqueeze(-1).to(up.dtype)  # (d_out, N, 1)
+    return (up.view(d_out, num_experts, rank_total // num_experts) * column_scales).view(d_out, rank_total)
+
+
+@torch.no_grad()
+def contrasted_up_projection(layer: CoMoELayer, adapter_name: str) -> torch.Tensor:
+    """The up-projections whose outputs the contrastive loss compares (d_out, N*r), detached: [c_1 B_1 ... c_N B_N]
+    for DoRA experts, B_cat otherwise. For analysis code that recomputes expert outputs outside the forward."""
+    up = layer.comoe_B[adapter_name]
+    if adapter_name not in layer.comoe_magnitude:
+        return up
+    return scale_columns(up, expert_scales(layer, adapter_name))
