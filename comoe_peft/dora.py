@@ -60,9 +60,9 @@ def expert_row_norms(
         down: (N*r, d_in) the stacked A_j.
         up: (d_out, N*r) the B_j side by side.
 
-    Computed in float32 (float64 if the adapter is float64) and detached.
+    Computed in float32 (float64 if the weight or the adapter is float64) and detached.
     """
-    compute = router_dtype(down.dtype)
+    compute = torch.float64 if torch.float64 in (weight.dtype, down.dtype) else torch.float32
     d_out, d_in = weight.shape
     rank = down.shape[0] // num_experts
     down = down.to(device=weight.device, dtype=compute)

@@ -38,6 +38,41 @@ def moe_lora_loop(x, base_out, pairs, router, top_k, scaling):
     return out.view(base_out.shape)
 
 
+def dora_expert_weights(weight, pairs, magnitudes, scaling):
+    """Each DoRA expert's full weight W_j' = m_j * (W0 + s B_j A_j) / ||W0 + s B_j A_j||, built explicitly; the row
+    norm is detached (a constant in backward, as in peft's DoRA). Returns [(W_j' (d_out, d_in), c_j (d_out,))]."""
+    experts = []
+    for (a, b), magnitude in zip(pairs, magnitudes):
+        direction = weight + scaling * (b @ a)  # (d_out, d_in), formed here on purpose
+        norm = direction.norm(dim=1).detach()  # (d_out,)
+        experts.append((magnitude.unsqueeze(1) * direction / norm.unsqueeze(1), magnitude / norm))
+    return experts
+
+
+def dora_moe_loop(x, weight, bias, pairs, magnitudes, router, top_k, scaling):
+    """Mixture of DoRA experts, one explicit weight per expert, with a loop over experts.
+
+    top_k > 1: y = sum_j g_j W_j' x + bias (the gates sum to 1); top_k = 1: y = W0 x + g (W_j' x - W0 x) + bias.
+    """
+    tokens = x.reshape(-1, x.shape[-1])
+    router_dtype = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    probs = F.linear(tokens.to(router_dtype), router.to(router_dtype)).softmax(-1)
+    top_p, top_i = probs.topk(top_k, dim=-1)
+    if top_k > 1:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    base = tokens @ weight.t()  # (T, d_out)
+    out = torch.zeros_like(base) if top_k > 1 else base.clone()
+    for expert, (expert_weight, _) in enumerate(dora_expert_weights(weight, pairs, magnitudes, scaling)):
+        token_pos, slot = torch.where(top_i == expert)
+        expert_out = tokens[token_pos] @ expert_weight.t()
+        if top_k == 1:
+            expert_out = expert_out - base[token_pos]
+        out = out.index_add(0, token_pos, expert_out * top_p[token_pos, slot].unsqueeze(-1).to(base.dtype))
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], -1)
+
+
 def contrastive_loss_literal(tokens, pairs, indices, temperature, token_mask=None):
     """Algorithm 1 of the CoMoE paper, token by token, with explicit d_out-wide expert outputs."""
     outputs = torch.stack([(tokens @ a.t()) @ b.t() for a, b in pairs], dim=1).double()  # (T, N, d_out)
@@ -65,4 +100,12 @@ def finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-__all__ = ["contrastive_loss_literal", "expert_matrices", "finite", "math", "moe_lora_loop"]
+__all__ = [
+    "contrastive_loss_literal",
+    "dora_expert_weights",
+    "dora_moe_loop",
+    "expert_matrices",
+    "finite",
+    "math",
+    "moe_lora_loop",
+]
