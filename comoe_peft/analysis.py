@@ -48,6 +48,7 @@ from .analysis_metrics import (
     routing_entropy,
 )
 from .data import format_prompt
+from .dora import contrasted_up_projection
 from .fused_down import route, router_dtype
 from .layer import CoMoELayer
 from .losses import NORM_EPS, contrastive_loss, sample_contrastive_indices
@@ -192,7 +193,7 @@ class _Recorder:
         keep = keep.to(tokens.device)
         sample = tokens[keep].to(compute)  # (S, d_in)
         down = layer.comoe_A[adapter].to(compute)  # (N*r, d_in)
-        up = layer.comoe_B[adapter]  # (d_out, N*r)
+        up = contrasted_up_projection(layer, adapter)  # (d_out, N*r): B_cat, or [c_j B_j] for DoRA experts
         h = (sample @ down.t()).view(-1, num_experts, rank)  # (S, N, r)
         acc.cosine_sum += float(expert_outputs_cosine(h, up.to(compute)).sum())
         if _contrastive_defined(num_experts, top_k):
@@ -412,10 +413,11 @@ def _summarise(
     config: dict[str, Any],
 ) -> dict[str, Any]:
     tasks = list(by_task)
-    num_experts, top_k = config["num_experts"], config["top_k"]
+    top_k = config["top_k"]
     per_module: dict[str, dict[str, Any]] = {}
     js_matrices: dict[str, np.ndarray] = {}
     for name in layers:
+        num_experts = layers[name].comoe_settings[adapter].num_experts  # may differ by layer (num_experts_pattern)
         results = {task: stats[task][name].result(num_experts, top_k) for task in tasks if name in stats[task]}
         if len(results) != len(tasks):
             continue  # the module never ran (e.g. a layer the forward pass skips)

@@ -26,6 +26,7 @@ class ExpertLoadHistoryCallback(TrainerCallback):
     ```
 
     Each step contributes the load of its last micro-batch (the routing statistics of the last forward pass).
+    `num_experts` is null when the layers have different numbers of experts (`num_experts_pattern`).
     """
 
     def __init__(self) -> None:
@@ -72,6 +73,7 @@ class ExpertLoadHistoryCallback(TrainerCallback):
         """Write the history to `path` atomically (a temporary file in the same folder, then a rename)."""
         num_experts: int | None = None
         if self.history and self.history[-1]["expert_load"]:
-            num_experts = len(next(iter(self.history[-1]["expert_load"].values())))
+            sizes = {len(load) for load in self.history[-1]["expert_load"].values()}
+            num_experts = sizes.pop() if len(sizes) == 1 else None  # None: N differs by layer
         payload = {"num_experts": num_experts, "history": self.history}
         write_json_atomic(path, payload)

@@ -147,10 +147,11 @@ class CoMoETrainerMixin:
         stats = list(self.comoe_model.get_routing_stats().values())
         if stats:
             values["routing_entropy"] = torch.stack([s.routing_entropy for s in stats]).mean()
-            loads = torch.stack([s.expert_load for s in stats])  # (modules, N)
-            values["expert_load_cv"] = (loads.std(dim=1, unbiased=False) / loads.mean(dim=1)).mean()
+            # per module (N may differ by layer, num_experts_pattern), then the mean over modules
+            cvs = [s.expert_load.std(unbiased=False) / s.expert_load.mean() for s in stats]
+            values["expert_load_cv"] = torch.stack(cvs).mean()
         if "contrastive" in values:
-            values["infonce_bound"] = math.log(self._num_negatives()) - values["contrastive"]
+            values["infonce_bound"] = self._mean_log_negatives() - values["contrastive"]
         if not values:
             return
         names = sorted(values)
@@ -159,9 +160,19 @@ class CoMoETrainerMixin:
         for name, value in zip(names, gathered.tolist()):
             self._comoe_metrics[mode][METRIC_PREFIX + name].append(value)
 
-    def _num_negatives(self) -> int:
-        config = self.comoe_model.peft_config[self.comoe_model.active_adapters[0]]
-        return config.num_negatives or (config.num_experts - config.top_k)
+    def _mean_log_negatives(self) -> float:
+        """Mean of log M over the modules that recorded the contrastive loss (M, the negatives per token, may differ
+        by layer), so that the logged bound is the mean over modules of log M - L_con, like L_con itself."""
+        logs = []
+        for _, layer in self.comoe_model._comoe_layers():
+            for adapter_name in layer.active_adapters:
+                if "contrastive" in layer.recorded_aux_losses(adapter_name):
+                    settings = layer.comoe_settings[adapter_name]
+                    logs.append(math.log(settings.num_negatives or (settings.num_experts - settings.top_k)))
+        if not logs:
+            config = self.comoe_model.peft_config[self.comoe_model.active_adapters[0]]
+            return math.log(config.num_negatives or (config.num_experts - config.top_k))
+        return sum(logs) / len(logs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Save as the base trainer does, then add a "import comoe_peft first" note to the adapter's model card."""

@@ -25,6 +25,7 @@ from comoe_peft.analysis import (
 )
 from comoe_peft.analysis_metrics import mean_pairwise_cosine
 from comoe_peft.data import format_prompt
+from comoe_peft.dora import contrasted_up_projection, expert_scales
 from comoe_peft.losses import CONTRASTIVE_EPS
 
 LOG2 = math.log(2)
@@ -268,3 +269,28 @@ def test_contrastive_numbers_are_none_without_a_positive(tokenizer):
     assert result["summary"]["infonce_bound"] is None and result["summary"]["contrastive_loss"] is None
     assert result["summary"]["mean_pairwise_cosine"] is not None
     json.dumps(result)
+
+
+def test_dora_experts_with_a_different_number_of_experts_per_layer(tokenizer):
+    """Each module is measured with its own N (its bound uses log(N - k)); DoRA experts are compared through the
+    scaled outputs c_j * B_j h_j that the contrastive loss uses."""
+    model = get_peft_model(tiny_llama(vocab=len(tokenizer)), CoMoEConfig(
+        r=4, num_experts=4, top_k=2, target_modules=["q_proj", "v_proj"], init_weights=False, use_dora=True,
+        num_experts_pattern={"v_proj": 6}))
+    with torch.no_grad():
+        for layer in layers(model):
+            magnitude = layer.self_attn.q_proj.comoe_magnitude["default"]
+            magnitude.mul_(1 + torch.rand_like(magnitude))  # move the scales c_j away from 1
+    result = run(model, tokenizer, letters_dataset(), batch_size=4)
+    for name, module in result["per_module"].items():
+        negatives = 4 if name.endswith("v_proj") else 2
+        for stats in module["tasks"].values():
+            assert len(stats["expert_load"]) == negatives + 2
+            assert stats["infonce_bound"] == pytest.approx(math.log(negatives) - stats["contrastive_loss"])
+
+    q_proj = layers(model)[0].self_attn.q_proj
+    scaled = contrasted_up_projection(q_proj, "default")
+    scales = expert_scales(q_proj, "default")  # (N, d_out)
+    expected = q_proj.comoe_B["default"] * scales.t().repeat_interleave(4, dim=1)
+    torch.testing.assert_close(scaled, expected)
+    assert not torch.allclose(scaled, q_proj.comoe_B["default"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -79,6 +80,22 @@ def test_sft_run_logs_metrics_the_contrastive_loss_falls_and_load_history_is_wri
     assert history["num_experts"] == 4 and len(history["history"]) == 30
     loads = history["history"][-1]["expert_load"]
     assert len(loads) == 8 and all(abs(sum(v) - 1) < 1e-5 for v in loads.values())
+
+
+def test_dora_experts_with_a_different_number_of_experts_per_layer_train_and_log(tmp_path, tokenizer, dataset):
+    config = comoe_config(use_dora=True, num_experts_pattern={"v_proj": 6, "o_proj": 3}, init_weights=False)
+    trainer = CoMoESFTTrainer(model=base_model(tokenizer), args=sft_args(tmp_path, max_steps=2),
+                              train_dataset=dataset, processing_class=tokenizer, peft_config=config)
+    trainer.train()
+    contrastive = history_values(trainer, "comoe/contrastive")
+    bound = history_values(trainer, "comoe/infonce_bound")
+    cv = history_values(trainer, "comoe/expert_load_cv")
+    assert len(contrastive) == len(bound) == len(cv) == 2 and all(math.isfinite(v) for v in contrastive + cv)
+    mean_log_negatives = (2 * math.log(2) + math.log(4) + math.log(1)) / 4  # q, k: N=4; v: N=6; o: N=3 (k=2)
+    assert bound[0] == pytest.approx(mean_log_negatives - contrastive[0], abs=1e-5)
+    history = json.loads((tmp_path / "run" / HISTORY_FILENAME).read_text())
+    assert history["num_experts"] is None
+    assert {len(v) for v in history["history"][-1]["expert_load"].values()} == {3, 4, 6}
 
 
 def test_both_construction_paths_train(tmp_path, tokenizer, dataset):
