@@ -17,6 +17,9 @@ Arms (same frozen base layer, inputs and output gradient):
     comoe              `comoe_peft.layer.Linear` in train mode, contrastive loss off
     comoe_con          ... contrastive loss on, every inactive expert a negative
     comoe_con_sampled  ... contrastive loss on, m sampled negatives (m = 2, or 1 when N - k <= 2)
+    dora_kr            real peft DoRA (LoraConfig(use_dora=True)) at r = k*r
+    comoe_dora         `comoe_peft.layer.Linear` with DoRA experts (use_dora), contrastive loss off
+    comoe_dora_con     ... contrastive loss on, every inactive expert a negative
 
 The backward is `torch.autograd.backward([out, contrastive], [grad_out, 0.01])`, i.e. the gradient of
 loss = <out, grad_out> + 0.01 * contrastive with a fixed random grad_out; `--loss pow2` uses
@@ -53,7 +56,10 @@ from comoe_peft.files import write_json_atomic, write_text_atomic
 from comoe_peft.layer import ExpertSettings
 from comoe_peft.layer import Linear as CoMoELinear
 
-ARMS = ("base", "lora_kr", "lora_nr", "loop", "comoe", "comoe_con", "comoe_con_sampled")
+ARMS = (
+    "base", "lora_kr", "lora_nr", "loop", "comoe", "comoe_con", "comoe_con_sampled", "dora_kr", "comoe_dora",
+    "comoe_dora_con",
+)
 ARM_LABELS = {
     "base": "frozen base",
     "lora_kr": "peft LoRA r=k*r",
@@ -62,6 +68,9 @@ ARM_LABELS = {
     "comoe": "CoMoE",
     "comoe_con": "CoMoE + con (all neg)",
     "comoe_con_sampled": "CoMoE + con (m neg)",
+    "dora_kr": "peft DoRA r=k*r",
+    "comoe_dora": "CoMoE-DoRA",
+    "comoe_dora_con": "CoMoE-DoRA + con",
 }
 SHAPES = {"d576": (576, 576), "d2048": (2048, 2048), "mlp_up": (576, 1536)}
 DTYPES = {
@@ -164,26 +173,33 @@ class _OneLayer(nn.Module):
         self.proj = proj
 
 
-def peft_lora(base: nn.Module, r: int, adapter_dtype: torch.dtype) -> nn.Module:
-    """The real peft LoRA module (`peft.tuners.lora.Linear`) around `base`, through get_peft_model."""
+def peft_lora(base: nn.Module, r: int, adapter_dtype: torch.dtype, use_dora: bool = False) -> nn.Module:
+    """The real peft LoRA (or DoRA) module (`peft.tuners.lora.Linear`) around `base`, through get_peft_model."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"], init_lora_weights=False)
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"], init_lora_weights=False,
+                        use_dora=use_dora)
     model = get_peft_model(_OneLayer(base), config, autocast_adapter_dtype=False)
     layer = model.base_model.model.proj
-    for name in ("lora_A", "lora_B"):
+    for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
         getattr(layer, name).to(adapter_dtype)
     return layer
 
 
 def comoe_layer(
-    base: nn.Module, case: Case, contrastive: bool, num_negatives: int | None, adapter_dtype: torch.dtype
+    base: nn.Module,
+    case: Case,
+    contrastive: bool,
+    num_negatives: int | None,
+    adapter_dtype: torch.dtype,
+    use_dora: bool = False,
 ) -> CoMoELinear:
     settings = ExpertSettings(case.num_experts, case.top_k, 0.0, contrastive, TEMPERATURE, num_negatives, "random")
     layer = CoMoELinear(
-        base, "default", r=case.r, lora_alpha=2 * case.r, lora_dropout=0.0, settings=settings, init_weights=False
+        base, "default", r=case.r, lora_alpha=2 * case.r, lora_dropout=0.0, settings=settings, init_weights=False,
+        use_dora=use_dora,
     )
-    for name in ("comoe_A", "comoe_B", "comoe_router"):
+    for name in ("comoe_A", "comoe_B", "comoe_router", "comoe_magnitude"):
         getattr(layer, name).to(adapter_dtype)
     return layer.train()
 
@@ -209,6 +225,9 @@ def build_arms(case: Case, seed: int = 0) -> dict[str, nn.Module]:
     arms["comoe"] = comoe
     arms["comoe_con"] = comoe_layer(base, case, True, None, adapter_dtype)
     arms["comoe_con_sampled"] = comoe_layer(base, case, True, sampled_negatives(case), adapter_dtype)
+    arms["dora_kr"] = peft_lora(base, case.top_k * case.r, adapter_dtype, use_dora=True)
+    arms["comoe_dora"] = comoe_layer(base, case, False, None, adapter_dtype, use_dora=True)
+    arms["comoe_dora_con"] = comoe_layer(base, case, True, None, adapter_dtype, use_dora=True)
     for module in arms.values():
         module.to(case.device)
     return arms
@@ -241,7 +260,7 @@ def make_step(
 ) -> tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]:
     """(forward, backward) of one arm; forward returns what backward needs."""
     params = trainable(module)
-    contrastive = name.startswith("comoe_con")
+    contrastive = "con" in name.split("_")  # comoe_con, comoe_con_sampled, comoe_dora_con
 
     def forward():
         for p in params:
@@ -391,6 +410,7 @@ def run_case(
             "seconds_per_round": times[name],
         }
     speedup_vs_loop = {name: 1.0 / median_ratio(times, name, "loop") for name in ("comoe", "comoe_con")}
+    dora_vs_peft_dora = {name: median_ratio(times, name, "dora_kr") for name in ("comoe_dora", "comoe_dora_con")}
     saved_vs_loop = {name: saved[name] / max(saved["loop"], 1) for name in ("comoe", "comoe_con")}
     targets = {
         "comoe_le_1.0x_lora_kr": results["comoe"]["ratio_to_lora_kr"] <= 1.0,
@@ -407,6 +427,7 @@ def run_case(
         "correctness": correctness,
         "arms": results,
         "speedup_vs_loop": speedup_vs_loop,
+        "dora_ratio_to_peft_dora_kr": dora_vs_peft_dora,
         "saved_fraction_of_loop": saved_vs_loop,
         "targets": targets,
     }
@@ -472,6 +493,19 @@ def markdown(report: dict) -> str:
             f"| {result['saved_fraction_of_loop']['comoe']:.3f} {mark(targets['comoe_saved_le_0.1x_loop'])} "
             f"| {result['speedup_vs_loop']['comoe_con']:.2f} "
             f"| {'passed' if result['correctness']['passed'] else 'FAILED'} |"
+        )
+    lines += [
+        "",
+        "## DoRA experts: ratio to peft DoRA at r = k*r",
+        "",
+        "| case | CoMoE-DoRA | CoMoE-DoRA + con | peft DoRA r=k*r / peft LoRA r=k*r |",
+        "|---|---|---|---|",
+    ]
+    for result in report["results"]:
+        dora = result["dora_ratio_to_peft_dora_kr"]
+        lines.append(
+            f"| {result['label']} | {dora['comoe_dora']:.2f} | {dora['comoe_dora_con']:.2f} "
+            f"| {result['arms']['dora_kr']['ratio_to_lora_kr']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -581,6 +615,7 @@ def main(argv: list[str] | None = None) -> dict:
                 + f" | CoMoE/LoRA_kr={arms['comoe']['ratio_to_lora_kr']:.2f}"
                 f" con/LoRA_kr={arms['comoe_con']['ratio_to_lora_kr']:.2f}"
                 f" loop/CoMoE={result['speedup_vs_loop']['comoe']:.2f}"
+                f" CoMoE-DoRA/DoRA_kr={result['dora_ratio_to_peft_dora_kr']['comoe_dora']:.2f}"
                 f" ({result['wall_seconds']:.0f} s)",
                 flush=True,
             )

@@ -20,7 +20,7 @@ Nothing d_out x d_in is built per expert. The squared row norms come from three 
 
 i.e. the row norms of W0, one (d_out, N*r) GEMM W0 A_cat^T and the N diagonal (r, r) blocks of A_cat A_cat^T.
 
-The contrastive loss contrasts o_j = c_j * (B_j h_j), expert j's own rank-space update as it enters the output, i.e. the
+The contrastive loss contrasts o_j = c_j * (B_j h_j), expert j's own low-rank update as it enters the output, so the
 Gram trick runs on the scaled up-projections [c_1 B_1 ... c_N B_N] (see docs/concepts.md).
 """
 
@@ -42,8 +42,8 @@ NORM_FLOOR = 1e-12  # a zero row (zero weight and zero update) gets this norm in
 
 
 def base_weight(base_layer: nn.Module) -> torch.Tensor:
-    """The frozen weight W0 as (d_out, d_in): transposed for a transformers Conv1D (stored (in, out)), dequantized for a
-    quantized layer (bitsandbytes, HQQ, torchao, through peft's `dequantize_module_weight`)."""
+    """The frozen weight W0 as (d_out, d_in): transposed for a transformers Conv1D (stored (in, out)), dequantized
+    for a quantized layer (bitsandbytes, HQQ, torchao, through peft's `dequantize_module_weight`)."""
     if isinstance(base_layer, Conv1D):
         return base_layer.weight.t()  # (in, out) -> (out, in)
     return dequantize_module_weight(base_layer)

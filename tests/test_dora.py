@@ -113,7 +113,8 @@ def test_magnitudes_initialise_from_the_updated_weight_when_b_is_random():
     layer = Linear(nn.Linear(D_IN, D_OUT), "default", r=R, lora_alpha=2 * R, lora_dropout=0.0,
                    settings=ExpertSettings(N, 2, 0.0, False, 0.1, None, "random"), init_weights=False, use_dora=True)
     pairs, _ = expert_matrices(layer)
-    explicit = torch.stack([(layer.base_layer.weight + layer.scaling["default"] * b @ a).norm(dim=1) for a, b in pairs])
+    scaling = layer.scaling["default"]
+    explicit = torch.stack([(layer.base_layer.weight + scaling * b @ a).norm(dim=1) for a, b in pairs])
     torch.testing.assert_close(layer.comoe_magnitude["default"], explicit.detach())
 
 

@@ -195,8 +195,9 @@ def test_patterns_work_with_disable_unload_and_a_second_adapter(batch):
     base = tiny_llama()
     reference = copy.deepcopy(base)(**batch).logits
     model = comoe(base)
-    model.add_adapter("second", CoMoEConfig(target_modules=["v_proj"], num_experts_pattern={"layers.0.self_attn.v_proj": 5},
-                                            rank_pattern={"v_proj": 3}, init_weights=False))
+    second = CoMoEConfig(target_modules=["v_proj"], num_experts_pattern={"layers.0.self_attn.v_proj": 5},
+                         rank_pattern={"v_proj": 3}, init_weights=False)
+    model.add_adapter("second", second)
     layer = model.base_model.model.model.layers[0].self_attn.v_proj
     assert (layer.comoe_settings["default"].num_experts, layer.comoe_settings["second"].num_experts) == (6, 5)
     assert (layer.r["default"], layer.r["second"]) == (3, 3)
