@@ -172,6 +172,31 @@ class CoMoEConfig(PeftConfig):
         """Whether the contrastive term is computed while training."""
         return self.contrastive_loss_coef > 0
 
+    def check_layer_experts(self, num_experts: int, contrastive: bool, field_name: str, where: str) -> None:
+        """Raise a ValueError naming `field_name` and `where` (the modules concerned) if a layer with `num_experts`
+        experts cannot route top_k of them, or, when it computes the contrastive loss, has no inactive expert as a
+        negative or fewer than num_negatives."""
+        top_k = self.top_k
+        _require(
+            top_k <= num_experts,
+            field_name,
+            f"gives {where} {num_experts} experts, fewer than top_k={top_k}; use at least top_k experts there",
+        )
+        if not contrastive:
+            return
+        _require(
+            top_k < num_experts,
+            field_name,
+            f"gives {where} {num_experts} experts while contrastive_loss_coef > 0 and top_k={top_k}: an inactive "
+            "expert is needed as a negative, so that layer needs more than top_k experts",
+        )
+        _require(
+            self.num_negatives is None or self.num_negatives <= num_experts - top_k,
+            field_name,
+            f"gives {where} {num_experts} experts, so {num_experts - top_k} inactive expert(s) per token, fewer "
+            f"than num_negatives={self.num_negatives}",
+        )
+
     def _validate(self) -> None:
         _require(isinstance(self.r, int) and self.r > 0, "r", f"must be a positive integer, got {self.r!r}")
         _require(self.lora_alpha > 0, "lora_alpha", f"must be positive, got {self.lora_alpha!r}")
@@ -229,7 +254,7 @@ class CoMoEConfig(PeftConfig):
             )
             # contrastive_layers set: whether this layer computes the loss is known only at injection
             contrastive = self.uses_contrastive_loss and self.contrastive_layers is None
-            check_layer_experts(self, num_experts, contrastive, "num_experts_pattern", f"the modules matching {key!r}")
+            self.check_layer_experts(num_experts, contrastive, "num_experts_pattern", f"the modules matching {key!r}")
 
     def _validate_contrastive_routing(self) -> None:
         _require(
@@ -252,33 +277,6 @@ class CoMoEConfig(PeftConfig):
             f"must be None (all inactive experts) or an integer in [1, num_experts - top_k = {max_negatives}], "
             f"got {self.num_negatives!r}",
         )
-
-
-def check_layer_experts(
-    config: CoMoEConfig, num_experts: int, contrastive: bool, field_name: str, where: str
-) -> None:
-    """Raise a ValueError if a layer with `num_experts` experts cannot route `config.top_k` of them (or, when it
-    computes the contrastive loss, has no negative, or fewer inactive experts than `config.num_negatives`)."""
-    top_k = config.top_k
-    _require(
-        top_k <= num_experts,
-        field_name,
-        f"gives {where} {num_experts} experts, fewer than top_k={top_k}; use at least top_k experts there",
-    )
-    if not contrastive:
-        return
-    _require(
-        top_k < num_experts,
-        field_name,
-        f"gives {where} {num_experts} experts while contrastive_loss_coef > 0 and top_k={top_k}: an inactive expert "
-        "is needed as a negative, so that layer needs more than top_k experts",
-    )
-    _require(
-        config.num_negatives is None or config.num_negatives <= num_experts - top_k,
-        field_name,
-        f"gives {where} {num_experts} experts, so {num_experts - top_k} inactive expert(s) per token, fewer than "
-        f"num_negatives={config.num_negatives}",
-    )
 
 
 def _is_positive_int(value: object) -> bool:

@@ -12,7 +12,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import CoMoEConfig, check_layer_experts
+from .config import CoMoEConfig
 from .layer import CoMoELayer, ExpertSettings, ForwardContext, Linear, RoutingStats, raise_merge_error
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
@@ -197,7 +197,7 @@ def _expert_settings(config: CoMoEConfig, current_key: str) -> ExpertSettings:
     num_experts = _pattern_value(config.num_experts_pattern, current_key, config.num_experts)
     contrastive = config.uses_contrastive_loss and _in_contrastive_layers(config, current_key)
     field_name = "num_experts_pattern" if num_experts != config.num_experts else "num_experts"
-    check_layer_experts(config, num_experts, contrastive, field_name, f"module {current_key!r}")
+    config.check_layer_experts(num_experts, contrastive, field_name, f"module {current_key!r}")
     return ExpertSettings(
         num_experts=num_experts,
         top_k=config.top_k,
