@@ -26,7 +26,7 @@ Gram trick runs on the scaled up-projections [c_1 B_1 ... c_N B_N] (see docs/con
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft.utils.integrations import dequantize_module_weight
@@ -123,17 +123,53 @@ def dense_gates(router_logits: torch.Tensor, topk_idx: torch.Tensor, top_k: int)
     return torch.zeros_like(logits).scatter(1, topk_idx, chosen)  # (T, N)
 
 
-def frozen_output(layer: CoMoELayer, x: torch.Tensor, out_2d: torch.Tensor, adapter_name: str) -> torch.Tensor:
-    """W0 x without the bias (T, d_out). Taken from the layer's running output when this adapter is the first active
-    one on the layer (the common case); recomputed when another active adapter has already added to it."""
+def base_output(layer: CoMoELayer, x: torch.Tensor, out_2d: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    """W0 x + bias (T, d_out). The layer's running output when this adapter is the first active one on the layer (the
+    common case); recomputed when another active adapter has already added to it."""
     active = [name for name in layer.active_adapters if name in layer.comoe_A]
-    base = layer.get_base_layer()
     if active and active[0] == adapter_name:
-        frozen = out_2d
-    else:
-        frozen = layer.base_layer(x).reshape(-1, layer.out_features)  # (T, d_out)
-    bias = getattr(base, "bias", None)
-    return frozen - bias if bias is not None else frozen
+        return out_2d
+    return layer.base_layer(x).reshape(-1, layer.out_features)  # (T, d_out)
+
+
+class MagnitudeTerm(torch.autograd.Function):
+    """out + (W0 x) * (G @ (C - 1)), the DoRA experts' rescaling of the frozen output, as one autograd node.
+
+    Inputs: out (T, d_out), source = W0 x + bias (T, d_out, may be `out` itself), bias (d_out) or None, gates G
+    (T, N) and change C - 1 (N, d_out). Plain autograd would keep two (T, d_out) tensors for backward (W0 x and the
+    (T, d_out) product); this node keeps only `source`, which usually is the base layer's output, and recomputes
+    the (T, N) x (N, d_out) product in backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        out: torch.Tensor,
+        source: torch.Tensor,
+        bias: torch.Tensor | None,
+        gates: torch.Tensor,
+        change: torch.Tensor,
+    ) -> torch.Tensor:
+        frozen = source if bias is None else source - bias  # (T, d_out) W0 x
+        base_change = (gates @ change).to(out.dtype)  # (T, d_out) sum_j g_j (c_j - 1)
+        ctx.save_for_backward(source, bias, gates, change)
+        return torch.addcmul(out, frozen, base_change)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        source, bias, gates, change = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_source = grad_bias = grad_gates = grad_change = None
+        if needs[1] or needs[2]:
+            grad_source = grad * (gates @ change).to(grad.dtype)  # (T, d_out)
+            if needs[2]:
+                grad_bias = -grad_source.sum(0).to(bias.dtype)  # (d_out,)
+        if needs[3] or needs[4]:
+            frozen = source if bias is None else source - bias
+            weighted = (grad * frozen).to(gates.dtype)  # (T, d_out), float32
+            grad_gates = weighted @ change.t() if needs[3] else None  # (T, N)
+            grad_change = gates.t() @ weighted if needs[4] else None  # (N, d_out)
+        return grad, grad_source if needs[1] else None, grad_bias, grad_gates, grad_change
 
 
 def dora_mixture(
@@ -154,9 +190,9 @@ def dora_mixture(
     settings = layer.comoe_settings[adapter_name]
     scales = expert_scales(layer, adapter_name)  # (N, d_out) c_j
     gates = dense_gates(router_logits, topk_idx, settings.top_k)  # (T, N)
-    frozen = frozen_output(layer, x, out_2d, adapter_name)  # (T, d_out) W0 x
-    base_change = gates @ (scales - 1).to(gates.dtype)  # (T, d_out) sum_j g_j (c_j - 1)
-    out_2d = out_2d + frozen * base_change.to(out_2d.dtype)
+    source = base_output(layer, x, out_2d, adapter_name)  # (T, d_out) W0 x + bias
+    bias = getattr(layer.get_base_layer(), "bias", None)
+    out_2d = MagnitudeTerm.apply(out_2d, source, bias, gates, (scales - 1).to(gates.dtype))  # (T, d_out)
     return out_2d, scale_columns(up, scales)
 
 

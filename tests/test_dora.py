@@ -14,7 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from comoe_peft import CoMoEConfig, CoMoELayer
-from comoe_peft.dora import base_weight, expert_row_norms
+from comoe_peft.dora import MagnitudeTerm, base_weight, expert_row_norms
 from comoe_peft.layer import ExpertSettings, Linear
 from comoe_peft.losses import sample_contrastive_indices
 
@@ -95,6 +95,35 @@ def test_gradcheck_of_magnitude_router_and_input():
         return torch.func.functional_call(layer, weights, (x_in,))
 
     assert torch.autograd.gradcheck(run, (x, layer.comoe_magnitude["default"], layer.comoe_router["default"]))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["separate", "source_is_out"])
+def test_gradcheck_of_the_magnitude_term(shared):
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(True)
+
+    out, source, bias, gates, change = leaf(5, 6), leaf(5, 6), leaf(6), leaf(5, 3), leaf(3, 6)
+    if shared:  # the common case: the running output is the base output itself
+        same = lambda o, b, g, c: MagnitudeTerm.apply(o, o, b, g, c)  # noqa: E731
+        assert torch.autograd.gradcheck(same, (out, bias, gates, change))
+    else:
+        assert torch.autograd.gradcheck(MagnitudeTerm.apply, (out, source, bias, gates, change))
+    no_bias = lambda o, s, g, c: MagnitudeTerm.apply(o, s, None, g, c)  # noqa: E731
+    assert torch.autograd.gradcheck(no_bias, (out, source, gates, change))
+
+
+def test_a_trainable_base_bias_gets_the_reference_gradient():
+    layer = dora_layer(top_k=2)
+    layer.get_base_layer().bias.requires_grad_(True)
+    x = torch.randn(7, D_IN, dtype=torch.float64)
+    fast, ref = layer(x), reference(layer, x)
+    weights = torch.randn_like(fast)
+    bias = layer.get_base_layer().bias
+    (g_fast,) = torch.autograd.grad((fast * weights).sum(), (bias,))
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), (bias,))
+    torch.testing.assert_close(g_fast, g_ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
