@@ -9,6 +9,9 @@ Follow one token x (d_in) through `Linear._add_experts`:
 
 The first three steps are one autograd node with a hand-written backward (`fused_down.RoutedDownProjection`).
 
+With DoRA experts (`use_dora`), `dora.dora_mixture` rescales W0 x by the experts' magnitudes and replaces B_cat by
+[c_1 B_1 ... c_N B_N] before the up-projection (see `dora.py`).
+
 While training, the layer also records, for the last forward, the contrastive loss (from h and the Gram matrix of
 the stacked B, see `losses.py`), the load-balancing and z losses, and routing statistics. Nothing d_out-wide per
 expert is ever built.

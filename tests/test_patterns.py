@@ -194,7 +194,7 @@ def test_save_and_load_restore_every_per_layer_shape_and_keep_the_patterns(tmp_p
 def test_patterns_work_with_disable_unload_and_a_second_adapter(batch):
     base = tiny_llama()
     reference = copy.deepcopy(base)(**batch).logits
-    model = comoe(base)
+    model = comoe(base, use_rslora=True)
     second = CoMoEConfig(target_modules=["v_proj"], num_experts_pattern={"layers.0.self_attn.v_proj": 5},
                          rank_pattern={"v_proj": 3}, init_weights=False)
     model.add_adapter("second", second)
