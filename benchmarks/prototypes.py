@@ -218,8 +218,7 @@ class PrototypeLinear(CoMoELinear):
     def _record_lean(self, adapter_name, settings, h, up, router_logits, probs, topk_idx, x) -> None:
         from comoe_peft.losses import load_balancing_loss, router_z_loss
 
-        context = self.forward_context
-        token_mask = context.token_mask(x) if context is not None else None
+        token_mask = self.forward_context.token_mask(x)
         losses: dict[str, torch.Tensor] = {}
         if self.training:
             if "balance" in self.aux_losses:
@@ -233,17 +232,14 @@ class PrototypeLinear(CoMoELinear):
                 h_experts = h.view(-1, settings.num_experts, self.r[adapter_name])  # (T, N, r)
                 loss_fn = contrastive_loss_dense if self.dense_contrastive else contrastive_loss
                 losses["contrastive"] = loss_fn(h_experts, up, indices, settings.contrastive_temperature, token_mask)
-        stats = routing_stats(probs, topk_idx, token_mask)
-        forward_id = context.forward_id if context is not None else 0
-        self._recorded[adapter_name] = (forward_id, losses, stats)
+        self.store_record(adapter_name, losses, routing_stats(probs, topk_idx, token_mask))
 
 
 class LeanRecordLinear(CoMoELinear):
     """The current layer, except that the balance and z losses are not built (isolates change 2 alone)."""
 
     def _record(self, adapter_name, settings, h, up, router_logits, probs, topk_idx, x) -> None:
-        context = self.forward_context
-        token_mask = context.token_mask(x) if context is not None else None
+        token_mask = self.forward_context.token_mask(x)
         losses: dict[str, torch.Tensor] = {}
         if self.training and settings.contrastive:
             indices = sample_contrastive_indices(
@@ -253,8 +249,7 @@ class LeanRecordLinear(CoMoELinear):
             losses["contrastive"] = contrastive_loss(
                 h_experts, up, indices, settings.contrastive_temperature, token_mask
             )
-        stats = routing_stats(probs.detach(), topk_idx, token_mask)
-        self._recorded[adapter_name] = (context.forward_id if context is not None else 0, losses, stats)
+        self.store_record(adapter_name, losses, routing_stats(probs.detach(), topk_idx, token_mask))
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -46,6 +46,9 @@ def base_weight(base_layer: nn.Module) -> torch.Tensor:
     for a quantized layer (bitsandbytes, HQQ, torchao, through peft's `dequantize_module_weight`)."""
     if isinstance(base_layer, Conv1D):
         return base_layer.weight.t()  # (in, out) -> (out, in)
+    weight = getattr(base_layer, "weight", None)
+    if type(weight) in (torch.Tensor, nn.Parameter) and not hasattr(base_layer, "W_q"):
+        return weight  # a plain weight: nothing to dequantize (and no string checks for torch.compile to trace)
     return dequantize_module_weight(base_layer)
 
 
@@ -123,77 +126,93 @@ def dense_gates(router_logits: torch.Tensor, topk_idx: torch.Tensor, top_k: int)
     return torch.zeros_like(logits).scatter(1, topk_idx, chosen)  # (T, N)
 
 
-def base_output(layer: CoMoELayer, x: torch.Tensor, out_2d: torch.Tensor, adapter_name: str) -> torch.Tensor:
-    """W0 x + bias (T, d_out). The layer's running output when this adapter is the first active one on the layer (the
-    common case); recomputed when another active adapter has already added to it."""
+def base_output(layer: CoMoELayer, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+    """W0 x + bias (T, d_out), recomputed when another active adapter has already added to the layer's running
+    output; None when this adapter is the first active one (the common case): the running output is W0 x + bias."""
     active = [name for name in layer.active_adapters if name in layer.comoe_A]
     if active and active[0] == adapter_name:
-        return out_2d
+        return None
     return layer.base_layer(x).reshape(-1, layer.out_features)  # (T, d_out)
 
 
 class MagnitudeTerm(torch.autograd.Function):
     """out + (W0 x) * (G @ (C - 1)), the DoRA experts' rescaling of the frozen output, as one autograd node.
 
-    Inputs: out (T, d_out), source = W0 x + bias (T, d_out, may be `out` itself), bias (d_out) or None, gates G
-    (T, N) and change C - 1 (N, d_out). Plain autograd would keep two (T, d_out) tensors for backward (W0 x and the
-    (T, d_out) product); this node keeps only `source`, which usually is the base layer's output, and recomputes
-    the (T, N) x (N, d_out) product in backward.
+    Inputs: out (T, d_out); source = W0 x + bias (T, d_out), or None when it is `out` itself (the common case; a
+    tensor passed twice to one Function would stop `torch.compile`); bias (d_out) or None; gates G (T, N) and
+    change C - 1 (N, d_out). Plain autograd would keep two (T, d_out) tensors for backward (W0 x and the product
+    G (C - 1)); this node keeps only the base output and recomputes the (T, N) x (N, d_out) product in backward.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         out: torch.Tensor,
-        source: torch.Tensor,
+        source: torch.Tensor | None,
         bias: torch.Tensor | None,
         gates: torch.Tensor,
         change: torch.Tensor,
     ) -> torch.Tensor:
-        frozen = source if bias is None else source - bias  # (T, d_out) W0 x
+        base = out if source is None else source  # (T, d_out) W0 x + bias
+        frozen = base if bias is None else base - bias  # (T, d_out) W0 x
         base_change = (gates @ change).to(out.dtype)  # (T, d_out) sum_j g_j (c_j - 1)
-        ctx.save_for_backward(source, bias, gates, change)
+        ctx.save_for_backward(base, bias, gates, change)
+        ctx.shared = source is None
         return torch.addcmul(out, frozen, base_change)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        source, bias, gates, change = ctx.saved_tensors
+        base, bias, gates, change = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        grad_out = grad
         grad_source = grad_bias = grad_gates = grad_change = None
-        if needs[1] or needs[2]:
-            grad_source = grad * (gates @ change).to(grad.dtype)  # (T, d_out)
+        if needs[0] or needs[1] or needs[2]:
+            grad_base = grad * (gates @ change).to(grad.dtype)  # (T, d_out), through W0 x = base - bias
+            if ctx.shared:
+                grad_out = grad + grad_base
+            elif needs[1]:
+                grad_source = grad_base
             if needs[2]:
-                grad_bias = -grad_source.sum(0).to(bias.dtype)  # (d_out,)
+                grad_bias = -grad_base.sum(0).to(bias.dtype)  # (d_out,)
         if needs[3] or needs[4]:
-            frozen = source if bias is None else source - bias
+            frozen = base if bias is None else base - bias
             weighted = (grad * frozen).to(gates.dtype)  # (T, d_out), float32
             grad_gates = weighted @ change.t() if needs[3] else None  # (T, N)
             grad_change = gates.t() @ weighted if needs[4] else None  # (N, d_out)
-        return grad, grad_source if needs[1] else None, grad_bias, grad_gates, grad_change
+        return grad_out if needs[0] else None, grad_source, grad_bias, grad_gates, grad_change
 
 
 def dora_mixture(
     layer: CoMoELayer,
     adapter_name: str,
     x: torch.Tensor,
-    out_2d: torch.Tensor,
+    result: torch.Tensor,
     up: torch.Tensor,
     router_logits: torch.Tensor,
     topk_idx: torch.Tensor,
+    lean: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The DoRA part of a CoMoE layer's forward.
 
-    Returns the output with the magnitude term added, (W0 x) * sum_j g_j (c_j - 1) (T, d_out), and the scaled
-    up-projections [c_1 B_1 ... c_N B_N] (d_out, N*r) that take the place of B_cat in the rest of the forward (the
-    up-projection of the gated rank activations and the contrastive loss).
+    Returns the layer's running output `result` (any shape ending in d_out) with the magnitude term
+    (W0 x) * sum_j g_j (c_j - 1) added, and the scaled up-projections [c_1 B_1 ... c_N B_N] (d_out, N*r) that take
+    the place of B_cat in the rest of the forward (the up-projection of the gated rank activations and the
+    contrastive loss). `lean=True` (the inference path) uses plain differentiable ops instead of `MagnitudeTerm`.
     """
     settings = layer.comoe_settings[adapter_name]
+    out_2d = result.reshape(-1, layer.out_features)  # (T, d_out)
     scales = expert_scales(layer, adapter_name)  # (N, d_out) c_j
     gates = dense_gates(router_logits, topk_idx, settings.top_k)  # (T, N)
-    source = base_output(layer, x, out_2d, adapter_name)  # (T, d_out) W0 x + bias
+    source = base_output(layer, x, adapter_name)  # (T, d_out) W0 x + bias, or None: it is out_2d
     bias = getattr(layer.get_base_layer(), "bias", None)
-    out_2d = MagnitudeTerm.apply(out_2d, source, bias, gates, (scales - 1).to(gates.dtype))  # (T, d_out)
-    return out_2d, scale_columns(up, scales)
+    change = (scales - 1).to(gates.dtype)  # (N, d_out)
+    if lean:
+        frozen = out_2d if source is None else source
+        frozen = frozen if bias is None else frozen - bias  # (T, d_out) W0 x
+        out_2d = torch.addcmul(out_2d, frozen, (gates @ change).to(out_2d.dtype))
+    else:
+        out_2d = MagnitudeTerm.apply(out_2d, source, bias, gates, change)  # (T, d_out)
+    return out_2d.view(result.shape), scale_columns(up, scales)
 
 
 def scale_columns(up: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,8 @@ class RoutedDownProjection(torch.autograd.Function):
     Inputs:
         expert_input: (T, d_in) what the experts see (the input, after dropout if any), in any float dtype: it is
             cast to the adapter dtype (`down.dtype`) on the fly and kept for backward as given.
-        router_input: (T, d_in) what the router sees (the input, after jitter if any); may be `expert_input`.
+        router_input: (T, d_in) what the router sees (the input, after jitter if any), or None (or `expert_input`
+            itself) when the router reads the experts' input.
         down: (N*r, d_in) the stacked expert down-projections [A_1; ...; A_N].
         router: (N, d_in) the router weight W_g.
         num_experts, top_k: ints.
@@ -56,7 +57,7 @@ class RoutedDownProjection(torch.autograd.Function):
     def forward(
         ctx: Any,
         expert_input: torch.Tensor,
-        router_input: torch.Tensor,
+        router_input: torch.Tensor | None,
         down: torch.Tensor,
         router: torch.Tensor,
         num_experts: int,
@@ -66,7 +67,9 @@ class RoutedDownProjection(torch.autograd.Function):
         rank = rank_total // num_experts
         logit_dtype = router_dtype(down.dtype)
         experts_x = expert_input.to(down.dtype)  # (T, d_in); a bf16 input of fp32 adapters is cast here, not saved
-        shared = router_input is expert_input  # one input: one dx GEMM and one weight GEMM in the backward
+        shared = router_input is None or router_input is expert_input  # one dx GEMM and one weight GEMM backward
+        if router_input is None:
+            router_input = expert_input
         if shared and down.dtype == logit_dtype:
             both = experts_x @ torch.cat([down, router.to(down.dtype)]).t()  # (T, N*r + N): one pass over x
             h, logits = both[:, :rank_total], both[:, rank_total:]
@@ -77,7 +80,8 @@ class RoutedDownProjection(torch.autograd.Function):
         gated = h.view(num_tokens, num_experts, rank) * gates.to(h.dtype).unsqueeze(-1)  # (T, N, r)
         ctx.mark_non_differentiable(topk_idx, probs)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(expert_input, router_input, down, router, h, gates, probs if top_k == 1 else None)
+        saved_router_input = None if shared else router_input
+        ctx.save_for_backward(expert_input, saved_router_input, down, router, h, gates, probs if top_k == 1 else None)
         ctx.settings = (num_experts, rank, top_k, shared)
         return gated.view(num_tokens, rank_total), h, logits, topk_idx, probs
 

@@ -19,6 +19,7 @@ expert is ever built.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -73,18 +74,27 @@ class RoutingStats:
 
 
 class ForwardContext:
-    """State shared by a CoMoE model and its layers for the current forward: the attention mask and a counter.
+    """State shared by a CoMoE model and its layers for the current forward: the attention mask and the records.
 
-    The tuner's forward pre-hook updates it once per model call; layers read the mask to leave padding out of the
-    losses and statistics, and tag what they record with `forward_id`, so values from earlier calls never mix in.
-    Gradient-checkpointing recomputation re-runs a layer under the same `forward_id` and overwrites its slot, so
-    nothing is counted twice.
+    The tuner's forward pre-hook calls `new_forward` once per model call: it stores the attention mask, which the
+    layers read to leave padding out of the losses and statistics, and starts an empty `records` dict, so values
+    from earlier calls never mix in. Gradient-checkpointing recomputation re-runs a layer within the same model
+    call and overwrites its entry, so nothing is counted twice. Nothing here is an int counter or other value that
+    `torch.compile` would have to guard on and recompile for.
+
+    In eval mode the layers take their lean path and record nothing, unless `record_in_eval` is set (the trainers
+    set it while evaluating; `CoMoEModel.recording()` sets it for analyses).
     """
 
     def __init__(self) -> None:
         self.attention_mask: torch.Tensor | None = None
-        self.forward_id: int = 0
-        self.record_in_eval: bool = False  # set by the trainers during evaluation, for the eval metrics
+        self.records: dict[tuple[int, str], tuple[dict[str, torch.Tensor], RoutingStats]] = {}
+        self.record_in_eval: bool = False
+
+    def new_forward(self, attention_mask: torch.Tensor | None) -> None:
+        """Start a model call: remember its attention mask and drop what the previous call recorded."""
+        self.attention_mask = attention_mask
+        self.records = {}
 
     def token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         """The (T,) mask of valid tokens for an input x of shape (batch, seq, d), or None if it does not apply."""
@@ -95,6 +105,9 @@ class ForwardContext:
         if mask.shape[0] != batch or mask.shape[1] < seq:
             return None
         return mask[:, -seq:].reshape(-1).to(device=x.device)  # (T,), generation with a cache: the newest positions
+
+
+_layer_keys = itertools.count()
 
 
 class CoMoELayer(BaseTunerLayer):
@@ -117,8 +130,8 @@ class CoMoELayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.cast_input_dtype_enabled = True
-        self.forward_context: ForwardContext | None = None
-        self._recorded: dict[str, tuple[int, dict[str, torch.Tensor], RoutingStats]] = {}
+        self.forward_context = ForwardContext()  # the tuner replaces it with the model's shared context
+        self._record_key = next(_layer_keys)  # this layer's key in `ForwardContext.records`
         in_features, out_features = _get_in_out_features(self.get_base_layer())
         self.in_features = in_features
         self.out_features = out_features
@@ -193,24 +206,26 @@ class CoMoELayer(BaseTunerLayer):
 
     def recorded_aux_losses(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The auxiliary losses this layer recorded for `adapter_name` in the current forward ({} if none)."""
-        entry = self._current_entry(adapter_name)
-        return entry[1] if entry is not None else {}
+        entry = self.forward_context.records.get((self._record_key, adapter_name))
+        return entry[0] if entry is not None else {}
 
     def recorded_routing_stats(self, adapter_name: str) -> RoutingStats | None:
-        """The routing statistics recorded for `adapter_name` in the current forward, or None."""
-        entry = self._current_entry(adapter_name)
-        return entry[2] if entry is not None else None
+        """The routing statistics recorded for `adapter_name` in the current forward, or None (eval mode without
+        recording)."""
+        entry = self.forward_context.records.get((self._record_key, adapter_name))
+        return entry[1] if entry is not None else None
 
-    def _current_entry(self, adapter_name: str):
-        entry = self._recorded.get(adapter_name)
-        if entry is None:
-            return None
-        current = self.forward_context.forward_id if self.forward_context is not None else 0
-        return entry if entry[0] == current else None
+    def store_record(self, adapter_name: str, losses: dict[str, torch.Tensor], stats: RoutingStats | None) -> None:
+        """Record this forward's losses and statistics for `adapter_name` (None: forget what was recorded)."""
+        key = (self._record_key, adapter_name)
+        if stats is None:
+            self.forward_context.records.pop(key, None)
+        else:
+            self.forward_context.records[key] = (losses, stats)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._recorded.pop(adapter_name, None)
+        self.forward_context.records.pop((self._record_key, adapter_name), None)
 
 
 class Linear(nn.Module, CoMoELayer):
@@ -250,6 +265,13 @@ class Linear(nn.Module, CoMoELayer):
         return result
 
     def _add_experts(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if not self.training and not self.forward_context.record_in_eval:
+            self.store_record(adapter_name, {}, None)
+            return self._add_experts_lean(x, result, adapter_name)
+        return self._add_experts_recorded(x, result, adapter_name)
+
+    def _add_experts_recorded(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Training (and recorded evaluation): the fused Function, then losses and statistics are recorded."""
         settings = self.comoe_settings[adapter_name]
         down = self.comoe_A[adapter_name]  # (N*r, d_in)
         up = self.comoe_B[adapter_name]  # (d_out, N*r)
@@ -260,26 +282,52 @@ class Linear(nn.Module, CoMoELayer):
         gated, h, router_logits, topk_idx, probs = RoutedDownProjection.apply(
             expert_input, router_input, down, router, settings.num_experts, settings.top_k
         )  # (T, N*r), (T, N*r), (T, N) float32, (T, k), (T, N)
-
-        out_2d = result.reshape(-1, self.out_features)  # (T, d_out)
         if adapter_name in self.comoe_magnitude:  # DoRA experts: rescale W0 x, use [c_j B_j] as B (dora.py)
-            out_2d, up = dora_mixture(self, adapter_name, x, out_2d, up, router_logits, topk_idx)
-        if out_2d.dtype == gated.dtype:
-            out_2d = torch.addmm(out_2d, gated, up.t(), alpha=self.scaling[adapter_name])  # W0 x + s * B g h
-        else:
-            out_2d = out_2d + (gated @ up.t() * self.scaling[adapter_name]).to(out_2d.dtype)
+            result, up = dora_mixture(self, adapter_name, x, result, up, router_logits, topk_idx)
         self._record(adapter_name, settings, h, up, router_logits, probs, topk_idx, x)
-        return out_2d.view(result.shape)
+        return _add_up_projection(result, gated, up, self.scaling[adapter_name])
 
-    def _expert_and_router_inputs(self, tokens: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The experts' input (after dropout) and the router's input (after jitter); the same tensor when neither
-        is active, which lets `RoutedDownProjection` read x once for both."""
+    def _add_experts_lean(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Inference: the same output as the recorded path with the fewest operations.
+
+        No autograd Function (plain differentiable ops, so `torch.compile` traces it and gradients still flow),
+        no statistics, no float32 copy of a float32 input, and the top-k taken on the logits (softmax is monotonic):
+        the k > 1 gates are the softmax over the k chosen logits, which equals the renormalised top-k probabilities.
+        The dense (T, N) gate matrix keeps it at two GEMMs for any number of tokens; at decoding sizes (a few tokens)
+        the cost is the number of operations, which gathering the chosen experts' weights would only raise.
+        """
+        settings = self.comoe_settings[adapter_name]
+        down = self.comoe_A[adapter_name]  # (N*r, d_in)
+        up = self.comoe_B[adapter_name]  # (d_out, N*r)
+        router = self.comoe_router[adapter_name]  # (N, d_in)
+        tokens = x.reshape(-1, self.in_features)  # (T, d_in)
+        logit_dtype = router_dtype(down.dtype)
+        logits = _as_dtype(tokens, logit_dtype) @ _as_dtype(router, logit_dtype).t()  # (T, N), float32
+        if settings.top_k > 1:
+            top_logits, topk_idx = logits.topk(settings.top_k, dim=-1)  # (T, k)
+            top_gates = top_logits.softmax(dim=-1)  # (T, k), the renormalised top-k probabilities
+        else:
+            top_gates, topk_idx = logits.softmax(dim=-1).topk(1, dim=-1)  # (T, 1), the raw probability
+        h = _as_dtype(tokens, down.dtype) @ down.t()  # (T, N*r)
+        gates = torch.zeros(h.shape[0], settings.num_experts, dtype=h.dtype, device=h.device)
+        gates = gates.scatter_(1, topk_idx, _as_dtype(top_gates, h.dtype))  # (T, N), zero off the top-k
+        gated = (h.view(-1, settings.num_experts, self.r[adapter_name]) * gates.unsqueeze(-1)).view(h.shape)
+        if adapter_name in self.comoe_magnitude:  # DoRA experts (dora.py), with plain ops here too
+            result, up = dora_mixture(self, adapter_name, x, result, up, logits, topk_idx, lean=True)
+        return _add_up_projection(result, gated, up, self.scaling[adapter_name])  # (T, N*r) -> result's shape
+
+    def _expert_and_router_inputs(
+        self, tokens: torch.Tensor, adapter_name: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The experts' input (after dropout) and the router's input (after jitter); None for the router's when
+        neither is active, which lets `RoutedDownProjection` read x once for both (and gives `torch.compile` no
+        tensor passed twice to one Function)."""
         dropout = self.comoe_dropout[adapter_name]
         expert_input = tokens
         if self.training and isinstance(dropout, nn.Dropout):
             expert_input = dropout(self._cast_input_dtype(tokens, self.comoe_A[adapter_name].dtype))  # as peft LoRA
         jitter = self.comoe_settings[adapter_name].router_jitter_noise if self.training else 0.0
-        router_input = tokens
+        router_input = None if expert_input is tokens else tokens
         if jitter > 0:
             router_input = tokens.to(router_dtype(self.comoe_A[adapter_name].dtype))  # (T, d_in), float32
             router_input = router_input * torch.empty_like(router_input).uniform_(1.0 - jitter, 1.0 + jitter)
@@ -296,10 +344,9 @@ class Linear(nn.Module, CoMoELayer):
         topk_idx: torch.Tensor,
         x: torch.Tensor,
     ) -> None:
-        context = self.forward_context
-        token_mask = context.token_mask(x) if context is not None else None
+        token_mask = self.forward_context.token_mask(x)
         losses: dict[str, torch.Tensor] = {}
-        if self.training or (context is not None and context.record_in_eval):
+        if self.training or self.forward_context.record_in_eval:
             losses["balance"] = load_balancing_loss(router_logits, settings.top_k, token_mask)
             losses["z"] = router_z_loss(router_logits, token_mask)
             if settings.contrastive:
@@ -310,12 +357,25 @@ class Linear(nn.Module, CoMoELayer):
                 losses["contrastive"] = contrastive_loss(
                     h_experts, up, indices, settings.contrastive_temperature, token_mask
                 )
-        stats = routing_stats(probs.detach(), topk_idx, token_mask)
-        forward_id = context.forward_id if context is not None else 0
-        self._recorded[adapter_name] = (forward_id, losses, stats)
+        self.store_record(adapter_name, losses, routing_stats(probs.detach(), topk_idx, token_mask))
 
     def __repr__(self) -> str:
         return "comoe." + super().__repr__()
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, without an operation when it already is (a cast is a dispatch even when it is a no-op)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _add_up_projection(result: torch.Tensor, gated: torch.Tensor, up: torch.Tensor, scaling: float) -> torch.Tensor:
+    """result + scaling * gated @ up^T, out of place, in result's shape and dtype (one addmm when dtypes agree)."""
+    out_2d = result.reshape(-1, up.shape[0])  # (T, d_out)
+    if out_2d.dtype == gated.dtype:
+        out_2d = torch.addmm(out_2d, gated, up.t(), alpha=scaling)  # W0 x + s * B (g h)
+    else:
+        out_2d = out_2d + (gated @ up.t() * scaling).to(out_2d.dtype)
+    return out_2d.view(result.shape)
 
 
 @torch.no_grad()

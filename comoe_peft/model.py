@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -101,8 +103,23 @@ class CoMoEModel(BaseTuner):
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]  # called as model(input_ids, attention_mask)
-        self.forward_context.attention_mask = mask if isinstance(mask, torch.Tensor) else None
-        self.forward_context.forward_id += 1
+        self.forward_context.new_forward(mask if isinstance(mask, torch.Tensor) else None)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record routing statistics and auxiliary losses in eval mode too, inside this block.
+
+        In eval mode the layers take their lean inference path and record nothing, so `get_routing_stats()` and
+        `get_aux_losses()` are empty after an eval forward. Wrap the forwards to analyse in `with
+        model.base_model.recording():` to get them (the trainers do this while evaluating). Training-mode forwards
+        always record.
+        """
+        previous = self.forward_context.record_in_eval
+        self.forward_context.record_in_eval = True
+        try:
+            yield
+        finally:
+            self.forward_context.record_in_eval = previous
 
     def unload(self) -> nn.Module:
         """Remove every CoMoE layer and return the base model unchanged."""
@@ -118,7 +135,8 @@ class CoMoEModel(BaseTuner):
         """Auxiliary losses of the last forward pass, each averaged over the adapted modules (and active adapters).
 
         Keys: "balance" and "z" (computed in training mode) and "contrastive" (in training mode, when
-        contrastive_loss_coef > 0). Values are float32 scalars that carry gradients. Empty in eval mode.
+        contrastive_loss_coef > 0). Values are float32 scalars that carry gradients. Empty in eval mode, unless
+        the forward ran inside `recording()`.
         """
         collected: dict[str, list[torch.Tensor]] = {}
         for _, layer in self._comoe_layers():
@@ -152,7 +170,8 @@ class CoMoEModel(BaseTuner):
     def get_routing_stats(self) -> dict[str, RoutingStats]:
         """Per-module routing statistics (expert load, routing entropy, valid tokens) of the last forward pass.
 
-        Keys are module names (with the adapter name appended when several adapters are active).
+        Keys are module names (with the adapter name appended when several adapters are active). Eval-mode forwards
+        record statistics only inside `recording()`; otherwise this is empty after them.
         """
         stats: dict[str, RoutingStats] = {}
         for module_name, layer in self._comoe_layers():

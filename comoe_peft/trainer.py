@@ -117,14 +117,10 @@ class CoMoETrainerMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The task loss of the base trainer plus the weighted CoMoE auxiliary losses of the same forward pass."""
-        context = self.comoe_model.forward_context
-        context.record_in_eval = True  # eval-mode forwards record the losses too, for the eval metrics
-        try:
+        with self.comoe_model.recording():  # eval-mode forwards record the losses too, for the eval metrics
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        finally:
-            context.record_in_eval = False
         loss, outputs = result if return_outputs else (result, None)
         aux_losses = self.comoe_model.get_aux_losses()
         weighted = self._weighted_aux_loss(aux_losses)

@@ -98,7 +98,7 @@ def test_loads_match_the_layers_own_routing_stats(tokenizer):
     dataset = letters_dataset(n_per_task=1)
     result = run(model, tokenizer, dataset.select([0]), batch_size=1)
     ids = tokenizer(format_prompt(dataset[0]) + " " + dataset[0]["answer"], return_tensors="pt")
-    with torch.no_grad():
+    with torch.no_grad(), model.base_model.recording():
         model(**ids)
     for name, stats in model.base_model.get_routing_stats().items():
         ours = result["per_module"][name]["tasks"]["task_a"]

@@ -56,10 +56,11 @@ def parameters(layer, x, adapter_name="default"):
             layer.comoe_router[adapter_name]]
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["recorded", "lean"])
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_dora_layer_matches_naive_per_expert_dora(top_k, conv1d):
-    layer = dora_layer(top_k=top_k, conv1d=conv1d)
+def test_dora_layer_matches_naive_per_expert_dora(top_k, conv1d, training):
+    layer = dora_layer(top_k=top_k, conv1d=conv1d).train(training)  # eval mode takes the lean inference path
     x = torch.randn(3, 5, D_IN, dtype=torch.float64, requires_grad=True)
     fast, ref = layer(x), reference(layer, x)
     torch.testing.assert_close(fast, ref)
@@ -106,8 +107,10 @@ def test_gradcheck_of_the_magnitude_term(shared):
 
     out, source, bias, gates, change = leaf(5, 6), leaf(5, 6), leaf(6), leaf(5, 3), leaf(3, 6)
     if shared:  # the common case: the running output is the base output itself
-        same = lambda o, b, g, c: MagnitudeTerm.apply(o, o, b, g, c)  # noqa: E731
+        same = lambda o, b, g, c: MagnitudeTerm.apply(o, None, b, g, c)  # noqa: E731
         assert torch.autograd.gradcheck(same, (out, bias, gates, change))
+        no_bias = lambda o, g, c: MagnitudeTerm.apply(o, None, None, g, c)  # noqa: E731
+        assert torch.autograd.gradcheck(no_bias, (out, gates, change))
     else:
         assert torch.autograd.gradcheck(MagnitudeTerm.apply, (out, source, bias, gates, change))
     no_bias = lambda o, s, g, c: MagnitudeTerm.apply(o, s, None, g, c)  # noqa: E731
@@ -327,3 +330,25 @@ def test_gradient_checkpointing_with_dora_matches_plain(batch):
     for g_plain, g_ckpt in zip(*grads):
         torch.testing.assert_close(g_ckpt, g_plain)
 
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_dora_layer_compiles_without_graph_breaks_and_matches_eager(mode):
+    layer = dora_layer(contrastive=True, dtype=torch.float32)
+    getattr(layer, mode)()
+    x = torch.randn(2, 5, D_IN, requires_grad=True)
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    results = []
+    for module in (layer, compiled):
+        torch.manual_seed(0)  # the same random contrastive anchors
+        x_in = x.detach().clone().requires_grad_(True)
+        out = module(x_in)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum()
+        if mode == "train":
+            loss = loss + layer.recorded_aux_losses("default")["contrastive"]
+        results.append((out.detach(), torch.autograd.grad(loss, parameters(layer, x_in))))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for name, a, b in zip(["x", "A", "B", "magnitude", "router"], results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"gradient of {n}: {m}")

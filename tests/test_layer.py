@@ -110,11 +110,18 @@ def test_dropout_path_equals_fused_path_when_dropout_is_off_in_eval():
     assert not torch.allclose(trained, ref), "dropout must act on the experts' input in training"
 
 
-def test_no_losses_recorded_in_eval_mode():
-    layer = make_layer().eval()
+def test_nothing_recorded_in_eval_mode_unless_asked():
+    layer = make_layer()
+    layer(torch.randn(3, 16))  # training mode records
+    assert set(layer.recorded_aux_losses("default")) == {"balance", "z", "contrastive"}
+    layer.eval()
     layer(torch.randn(3, 16))
-    assert layer.recorded_aux_losses("default") == {}
+    assert layer.recorded_aux_losses("default") == {}, "the training forward's losses must not outlive it"
+    assert layer.recorded_routing_stats("default") is None
+    layer.forward_context.record_in_eval = True
+    layer(torch.randn(3, 16))
     assert layer.recorded_routing_stats("default") is not None
+    assert "contrastive" in layer.recorded_aux_losses("default")
 
 
 def test_merge_is_refused_with_an_explanation():

@@ -213,6 +213,9 @@ def test_losses_recorded_only_in_training_and_only_for_the_last_forward(batch):
         model(**batch)
     assert model.base_model.get_aux_losses() == {}
     assert model.base_model.get_aux_loss() is None
+    assert model.base_model.get_routing_stats() == {}, "the lean eval path records nothing"
+    with torch.no_grad(), model.base_model.recording():
+        model(**batch)
     stats = model.base_model.get_routing_stats()
     assert len(stats) == 8 and all(abs(s.expert_load.sum().item() - 1) < 1e-5 for s in stats.values())
 
