@@ -155,10 +155,9 @@ class MagnitudeTerm(torch.autograd.Function):
     ) -> torch.Tensor:
         base = out if source is None else source  # (T, d_out) W0 x + bias
         frozen = base if bias is None else base - bias  # (T, d_out) W0 x
-        base_change = (gates @ change).to(out.dtype)  # (T, d_out) sum_j g_j (c_j - 1)
         ctx.save_for_backward(base, bias, gates, change)
         ctx.shared = source is None
-        return torch.addcmul(out, frozen, base_change)
+        return torch.addcmul(out, frozen, _base_change(gates, change, out.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -167,19 +166,28 @@ class MagnitudeTerm(torch.autograd.Function):
         grad_out = grad
         grad_source = grad_bias = grad_gates = grad_change = None
         if needs[0] or needs[1] or needs[2]:
-            grad_base = grad * (gates @ change).to(grad.dtype)  # (T, d_out), through W0 x = base - bias
-            if ctx.shared:
-                grad_out = grad + grad_base
-            elif needs[1]:
-                grad_source = grad_base
-            if needs[2]:
-                grad_bias = -grad_base.sum(0).to(bias.dtype)  # (d_out,)
+            base_change = _base_change(gates, change, grad.dtype)  # (T, d_out), recomputed
+            if ctx.shared and not needs[2]:
+                grad_out = torch.addcmul(grad, grad, base_change)  # the base output's gradient, one pass
+            else:
+                grad_base = grad * base_change  # (T, d_out), through W0 x = base - bias
+                grad_out = grad + grad_base if ctx.shared else grad
+                grad_source = grad_base if needs[1] else None
+                grad_bias = -grad_base.sum(0).to(bias.dtype) if needs[2] else None  # (d_out,)
         if needs[3] or needs[4]:
             frozen = base if bias is None else base - bias
-            weighted = (grad * frozen).to(gates.dtype)  # (T, d_out), float32
-            grad_gates = weighted @ change.t() if needs[3] else None  # (T, N)
-            grad_change = gates.t() @ weighted if needs[4] else None  # (N, d_out)
+            weighted = grad * frozen  # (T, d_out) in the output's dtype; the small operands are cast instead
+            if needs[3]:
+                grad_gates = (weighted @ change.t().to(weighted.dtype)).to(gates.dtype)  # (T, N)
+            if needs[4]:
+                grad_change = (gates.t().to(weighted.dtype) @ weighted).to(change.dtype)  # (N, d_out)
         return grad_out if needs[0] else None, grad_source, grad_bias, grad_gates, grad_change
+
+
+def _base_change(gates: torch.Tensor, change: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_j g_j (c_j - 1) (T, d_out), computed in `dtype`: the (T, N) and (N, d_out) operands are cast, not the
+    (T, d_out) result (one pass fewer in half precision, and exact zeros stay exact zeros)."""
+    return gates.to(dtype) @ change.to(dtype)
 
 
 def dora_mixture(
@@ -209,7 +217,7 @@ def dora_mixture(
     if lean:
         frozen = out_2d if source is None else source
         frozen = frozen if bias is None else frozen - bias  # (T, d_out) W0 x
-        out_2d = torch.addcmul(out_2d, frozen, (gates @ change).to(out_2d.dtype))
+        out_2d = torch.addcmul(out_2d, frozen, _base_change(gates, change, out_2d.dtype))
     else:
         out_2d = MagnitudeTerm.apply(out_2d, source, bias, gates, change)  # (T, d_out)
     return out_2d.view(result.shape), scale_columns(up, scales)
