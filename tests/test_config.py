@@ -49,12 +49,17 @@ def test_defaults_follow_the_paper_and_the_design_notes():
     assert config.peft_type == PeftType.COMOE
     assert (config.contrastive_loss_coef, config.contrastive_temperature, config.anchor) == (0.01, 0.1, "random")
     assert (config.router_aux_loss_coef, config.router_z_loss_coef, config.num_negatives) == (0.0, 0.0, None)
+    assert (config.use_dora, config.use_rslora) == (False, False)
+    assert config.rank_pattern == config.alpha_pattern == config.num_experts_pattern == {}
 
 
 def test_round_trips_through_json(tmp_path):
     config = CoMoEConfig(r=4, num_experts=6, top_k=3, target_modules=["q_proj", "v_proj"], num_negatives=2,
-                         contrastive_layers=[0, 2], anchor="all")
+                         contrastive_layers=[0, 2], anchor="all", use_dora=True, use_rslora=True,
+                         rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.0\..*": 3.0},
+                         num_experts_pattern={"q_proj": 8})
     config.save_pretrained(tmp_path)
     loaded = CoMoEConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
+    assert (loaded.use_dora, loaded.use_rslora, loaded.num_experts_pattern) == (True, True, {"q_proj": 8})
     assert loaded.target_modules == {"q_proj", "v_proj"}
