@@ -81,12 +81,12 @@ def expert_row_norms(
     return squared.t().clamp_min(NORM_FLOOR).sqrt()  # (N, d_out)
 
 
-def layer_row_norms(layer: CoMoELayer, adapter_name: str, up: torch.Tensor | None = None) -> torch.Tensor:
+def layer_row_norms(layer: CoMoELayer, adapter_name: str) -> torch.Tensor:
     """`expert_row_norms` of one adapter of a CoMoE layer (N, d_out), float32, detached."""
-    settings = layer.comoe_settings[adapter_name]
-    up = layer.comoe_B[adapter_name] if up is None else up
+    num_experts = layer.comoe_settings[adapter_name].num_experts
+    down, up = layer.comoe_A[adapter_name], layer.comoe_B[adapter_name]
     weight = base_weight(layer.get_base_layer())
-    return expert_row_norms(weight, layer.comoe_A[adapter_name], up, settings.num_experts, layer.scaling[adapter_name])
+    return expert_row_norms(weight, down, up, num_experts, layer.scaling[adapter_name])
 
 
 @torch.no_grad()
