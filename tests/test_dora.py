@@ -352,3 +352,18 @@ def test_dora_layer_compiles_without_graph_breaks_and_matches_eager(mode):
     torch.testing.assert_close(results[1][0], results[0][0])
     for name, a, b in zip(["x", "A", "B", "magnitude", "router"], results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, msg=lambda m, n=name: f"gradient of {n}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dora_layer_matches_reference_and_equals_the_base_at_init(dtype):
+    layer = dora_layer(dtype=torch.float32).cuda()
+    layer.base_layer.to(dtype)  # float32 adapters on a half-precision model, as get_peft_model makes them
+    x = torch.randn(4, 33, D_IN, device="cuda", dtype=dtype)
+    expected = reference(copy.deepcopy(layer).float(), x.float())
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    for training in (True, False):
+        torch.testing.assert_close(layer.train(training)(x).float(), expected, **tol)
+    fresh = dora_layer(init_weights=True, dtype=dtype).cuda()
+    assert torch.equal(fresh(x), fresh.get_base_layer()(x))
