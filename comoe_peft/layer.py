@@ -277,14 +277,16 @@ class Linear(nn.Module, CoMoELayer):
         up = self.comoe_B[adapter_name]  # (d_out, N*r)
         router = self.comoe_router[adapter_name]  # (N, d_in)
         tokens = x.reshape(-1, self.in_features)  # (T, d_in)
+        experts_x = _as_dtype(tokens, down.dtype)  # (T, d_in); one cast serves the router too when dtypes agree
         logit_dtype = router_dtype(down.dtype)
-        logits = _as_dtype(tokens, logit_dtype) @ _as_dtype(router, logit_dtype).t()  # (T, N), float32
+        router_x = experts_x if experts_x.dtype == logit_dtype else _as_dtype(tokens, logit_dtype)
+        logits = router_x @ _as_dtype(router, logit_dtype).t()  # (T, N), float32
         if settings.top_k > 1:
             top_logits, topk_idx = logits.topk(settings.top_k, dim=-1)  # (T, k)
             top_gates = top_logits.softmax(dim=-1)  # (T, k), the renormalised top-k probabilities
         else:
             top_gates, topk_idx = logits.softmax(dim=-1).topk(1, dim=-1)  # (T, 1), the raw probability
-        h = _as_dtype(tokens, down.dtype) @ down.t()  # (T, N*r)
+        h = experts_x @ down.t()  # (T, N*r)
         gates = torch.zeros(h.shape[0], settings.num_experts, dtype=h.dtype, device=h.device)
         gates = gates.scatter_(1, topk_idx, _as_dtype(top_gates, h.dtype))  # (T, N), zero off the top-k
         gated = (h.view(-1, settings.num_experts, self.r[adapter_name]) * gates.unsqueeze(-1)).view(h.shape)
