@@ -14,6 +14,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .bnb import dispatch_bnb
 from .config import CoMoEConfig
 from .layer import CoMoELayer, ExpertSettings, ForwardContext, Linear, RoutingStats, raise_merge_error
 
@@ -187,11 +188,15 @@ def _create_new_module(
     peft_config: CoMoEConfig, target: nn.Module, current_key: str, adapter_name: str, **layer_args: Any
 ) -> Linear:
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    quantized = dispatch_bnb(target, adapter_name, **layer_args)  # bitsandbytes 4-bit / 8-bit (nn.Linear subclasses)
+    if quantized is not None:
+        return quantized
     if not isinstance(base, SUPPORTED_LAYER_TYPES):
         supported = ", ".join(f"{t.__module__}.{t.__name__}" for t in SUPPORTED_LAYER_TYPES)
         raise ValueError(
             f"Target module '{current_key}' is a {type(base).__module__}.{type(base).__name__}, which CoMoE does "
-            f"not support. Supported layer types: {supported}. Change target_modules to select only such layers."
+            f"not support. Supported layer types: {supported} (and bitsandbytes' Linear4bit and Linear8bitLt). "
+            "Change target_modules to select only such layers."
         )
     _warn_on_fan_in_fan_out(peft_config, base)
     return Linear(target, adapter_name, **layer_args)
