@@ -239,7 +239,8 @@ TRANSFER_TOLERANCE = 0.3
 @pytest.mark.parametrize("quant", ["nf4-fp32", "fp4-bf16"])
 def test_adapter_trained_on_4bit_loads_on_the_float32_base(model_dir, tmp_path, quant):
     inputs = batch(vocab=320)
-    base = prepare_model_for_kbit_training(load(model_dir, quant), gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = prepare_model_for_kbit_training(load(model_dir, quant),
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
     quantized = get_peft_model(base, comoe_config(init_weights=True))
     train_steps(quantized, inputs, steps=10)
     adapted_q = logits(quantized, inputs)
@@ -295,7 +296,8 @@ def test_state_dict_read_moves_repacked_eval_outputs_only_with_avx512_bf16(model
     model.state_dict()
     moved = (logits(model, inputs) - first).abs().max().item()
     assert (moved > 1e-4) == repacks, moved
-    torch.testing.assert_close(logits(load(model_dir, "nf4-fp32").requires_grad_(False), inputs), first, rtol=0, atol=0)
+    fresh = load(model_dir, "nf4-fp32").requires_grad_(False)
+    torch.testing.assert_close(logits(fresh, inputs), first, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
