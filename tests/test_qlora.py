@@ -229,11 +229,15 @@ def test_two_adapters_on_a_4bit_base(model_dir):
     torch.testing.assert_close(logits(model, inputs), first)
 
 
-# Max |logit| difference allowed between the adapter on its 4-bit base and on the float32 original, and between
-# the adapter's own contributions (adapted - base) there. Measured on this tiny model after 10 steps: the bases
-# differ by 0.08 (nf4) / 0.12 (fp4), the adapted models by 0.05-0.14 and the contributions by 0.09-0.15, for
-# contributions of about 1.1; logits are about 1 in size. A lost or garbled adapter moves them by about 1.
-TRANSFER_TOLERANCE = 0.3
+# How close the adapter on the float32 original must stay to the adapter on its 4-bit base. The bases themselves
+# differ by the quantization error; a token whose top-k flips between the two bases moves by a whole expert, so the
+# bounds are on means, plus a loose bound on the maximum. Measured on this model after 10 steps (nf4 / fp4, float32
+# and bf16 compute): mean |base_f - base_q| 0.013-0.016, mean |adapted_f - adapted_q| 0.005-0.010, mean
+# |contribution_f - contribution_q| 0.013-0.017 for contributions of mean size 0.16-0.17; max |adapted_f -
+# adapted_q| 0.04-0.26 for logits of about 1. A lost or garbled adapter misses every bound by an order of magnitude.
+MEAN_GAP_OVER_BASE_GAP = 2.0  # mean |adapted_f - adapted_q| <= 2 x mean |base_f - base_q|
+CONTRIBUTION_RTOL = 0.2  # mean |contribution_f - contribution_q| <= 0.2 x mean |contribution_q|
+MAX_GAP = 0.5  # max |adapted_f - adapted_q|
 
 
 @pytest.mark.parametrize("quant", ["nf4-fp32", "fp4-bf16"])
@@ -254,9 +258,10 @@ def test_adapter_trained_on_4bit_loads_on_the_float32_base(model_dir, tmp_path, 
     with full.disable_adapter():
         base_f = logits(full, inputs)
     contribution_q, contribution_f = adapted_q - base_q, adapted_f - base_f
-    assert contribution_q.abs().max() > 3 * TRANSFER_TOLERANCE  # the adapter matters ...
-    assert (adapted_f - adapted_q).abs().max() < TRANSFER_TOLERANCE  # ... and carries over
-    assert (contribution_f - contribution_q).abs().max() < TRANSFER_TOLERANCE
+    assert contribution_q.abs().mean() > 0.05  # the adapter matters ...
+    assert (adapted_f - adapted_q).abs().mean() <= MEAN_GAP_OVER_BASE_GAP * (base_f - base_q).abs().mean()
+    assert (contribution_f - contribution_q).abs().mean() <= CONTRIBUTION_RTOL * contribution_q.abs().mean()
+    assert (adapted_f - adapted_q).abs().max() < MAX_GAP  # ... and carries over
     trained = {k: v for k, v in quantized.state_dict().items() if ".comoe_" in k}
     reloaded = {k: v for k, v in full.state_dict().items() if ".comoe_" in k}
     assert trained.keys() == reloaded.keys() and all(torch.equal(trained[k], reloaded[k]) for k in trained)
@@ -301,6 +306,18 @@ def test_state_dict_read_moves_repacked_eval_outputs_only_with_avx512_bf16(model
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
+
+
+def test_bitsandbytes_8bit_optimizer_steps_a_cpu_adapter(model_dir):
+    model = get_peft_model(load(model_dir, "nf4-fp32"), comoe_config())
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = bnb.optim.PagedAdamW8bit(params, lr=1e-2)  # TRL's optim="paged_adamw_8bit"
+    inputs = batch(vocab=320)
+    model.train()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    optimizer.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(b, p) for b, p in zip(before, params))
 
 
 @pytest.mark.cuda
