@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .fused_down import RoutedDownProjection, route, router_dtype
 from .losses import contrastive_loss, load_balancing_loss, masked_mean, router_z_loss, sample_contrastive_indices
@@ -127,10 +128,15 @@ class CoMoELayer(BaseTunerLayer):
         self.cast_input_dtype_enabled = True
         self.forward_context = ForwardContext()  # the tuner replaces it with the model's shared context
         self._record_key = next(_layer_keys)  # this layer's key in `ForwardContext.records`
-        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        in_features, out_features = self._base_in_out_features()
         self.in_features = in_features
         self.out_features = out_features
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)  # weight stored (in, out); set by type
         self.kwargs = kwargs
+
+    def _base_in_out_features(self) -> tuple[int, int]:
+        """(d_in, d_out) of the base layer; quantized layers (`comoe_peft.bnb`) override it."""
+        return _get_in_out_features(self.get_base_layer())
 
     def update_layer(
         self,
