@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=int, default=16, help="rank r of each expert")
     train.add_argument("--contrastive-loss-coef", type=float, default=0.01, help="lambda (comoe only)")
     train.add_argument("--contrastive-temperature", type=float, default=0.1, help="tau (comoe only)")
+    # not an argparse exclusive group: both flags at once get the command's one-line error (TrainOptions checks it)
+    train.add_argument("--load-in-4bit", action="store_true",
+                       help="QLoRA: load the base model in 4-bit nf4 with bitsandbytes (pip install bitsandbytes)")
+    train.add_argument("--load-in-8bit", action="store_true",
+                       help="load the base model in 8-bit (LLM.int8()) with bitsandbytes")
     for name, kind in [("max-steps", int), ("batch-size", int), ("max-length", int), ("learning-rate", float),
                        ("max-train-per-task", int), ("test-size", int)]:
         train.add_argument(f"--{name}", type=kind, help="overrides the preset")
@@ -78,6 +83,7 @@ def run_train(args: argparse.Namespace) -> None:
         contrastive_loss_coef=args.contrastive_loss_coef, contrastive_temperature=args.contrastive_temperature,
         max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
         learning_rate=args.learning_rate, max_train_per_task=args.max_train_per_task, test_size=args.test_size,
+        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
     )
     folder = train(options)
     print(f"run written to {folder}")

@@ -68,7 +68,11 @@ class CoMoEConfig(PeftConfig):
     )
     fan_in_fan_out: bool = field(
         default=False,
-        metadata={"help": "True if the base layer stores its weight as (in, out), like GPT-2's Conv1D; set for you."},
+        metadata={
+            "help": "True if the base layers store their weight as (in, out), like GPT-2's Conv1D. Each layer uses "
+            "the orientation of its own type (Conv1D: True, torch.nn.Linear: False), so a model may mix both; a value "
+            "that disagrees with a layer's type warns, as in peft LoRA, and this config is never changed."
+        },
     )
     bias: Literal["none", "all", "comoe_only"] = field(
         default="none", metadata={"help": "Which biases to train: 'none', 'all', or 'comoe_only' (adapted layers)."}

@@ -9,6 +9,7 @@ held-out examples; `analyze_run` writes the expert-specialisation report. `PRESE
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import platform
@@ -79,6 +80,8 @@ class TrainOptions:
     max_train_per_task: int | None = None
     test_size: int | None = None
     analysis_examples_per_task: int | None = None
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainOptions:
@@ -87,6 +90,7 @@ class TrainOptions:
             raise RunError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.preset not in PRESETS:
             raise RunError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        check_quantization(self.load_in_4bit, self.load_in_8bit)
         values = {k: v for k, v in dataclasses.asdict(self).items()}
         for name, value in PRESETS[self.preset].items():
             if values[name] is None:
@@ -129,13 +133,45 @@ def load_mixture(options: TrainOptions) -> Dataset:
 # ---------------------------------------------------------------------------------------------- model
 
 
-def load_base_model(name_or_path: str | None, cache_dir: str | None = None):
-    """The base model and tokenizer, resolved offline; a `RunError` with the reason if it cannot be loaded."""
+def check_quantization(load_in_4bit: bool, load_in_8bit: bool) -> None:
+    """Refuse both quantizations at once, or either without bitsandbytes (checked before anything is loaded)."""
+    if load_in_4bit and load_in_8bit:
+        raise RunError("--load-in-4bit and --load-in-8bit exclude each other; choose one")
+    if (load_in_4bit or load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
+        flag = "--load-in-4bit" if load_in_4bit else "--load-in-8bit"
+        raise RunError(f"{flag} needs bitsandbytes, which is not installed; install it with: pip install bitsandbytes")
+
+
+def quantization_kwargs(load_in_4bit: bool = False, load_in_8bit: bool = False) -> dict[str, Any]:
+    """`from_pretrained` arguments for a bitsandbytes base: 4-bit nf4 (QLoRA's choice) or 8-bit; {} for neither.
+
+    The 4-bit compute dtype is bf16 on a GPU that supports it, float32 otherwise; the model sits on one device.
+    """
+    if not (load_in_4bit or load_in_8bit):
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    on_gpu = torch.cuda.is_available()
+    if load_in_4bit:
+        compute = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()} if on_gpu else "cpu"}
+
+
+def load_base_model(
+    name_or_path: str | None, cache_dir: str | None = None, quantization: dict[str, Any] | None = None
+):
+    """The base model and tokenizer, resolved offline; a `RunError` with the reason if it cannot be loaded.
+
+    `quantization`: extra `from_pretrained` arguments from `quantization_kwargs` (None: an unquantized float32 model).
+    """
     from .pretrained import load_model_and_tokenizer, resolve_model_path
 
     try:
         path = resolve_model_path(name_or_path, cache_dir)
-        model, tokenizer = load_model_and_tokenizer(path, dtype=torch.float32)
+        model, tokenizer = load_model_and_tokenizer(path, dtype=torch.float32, **(quantization or {}))
     except (ValueError, OSError, ModuleNotFoundError) as error:
         raise RunError(str(error)) from None
     return path, model, tokenizer
@@ -188,7 +224,8 @@ def train(options: TrainOptions) -> Path:
             splits = train_test_split_per_task(mixture, options.test_size, options.seed, options.max_train_per_task)
         except ValueError as error:
             raise RunError(str(error)) from None
-        model_path, model, tokenizer = load_base_model(options.model, options.cache_dir)
+        quantization = quantization_kwargs(options.load_in_4bit, options.load_in_8bit)
+        model_path, model, tokenizer = load_base_model(options.model, options.cache_dir, quantization)
         trainer = build_trainer(options, model, tokenizer, splits["train"], staging / TRAINER_DIR)
         trainer.train()
         trainer.model.save_pretrained(staging / ADAPTER_DIR)
@@ -273,7 +310,9 @@ def load_run_model(run_dir: Path, config: dict[str, Any]):
 
     import comoe_peft  # noqa: F401  (the COMOE type must be registered before loading)
 
-    _, model, tokenizer = load_base_model(config["model_path"])
+    options = config.get("options", {})
+    quantization = quantization_kwargs(options.get("load_in_4bit", False), options.get("load_in_8bit", False))
+    _, model, tokenizer = load_base_model(config["model_path"], quantization=quantization)  # the base it trained on
     model = PeftModel.from_pretrained(model, str(run_dir / ADAPTER_DIR))
     return model.eval(), tokenizer
 

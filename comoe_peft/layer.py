@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .dora import dora_mixture, reset_magnitude
 from .fused_down import RoutedDownProjection, route, router_dtype
@@ -132,10 +133,15 @@ class CoMoELayer(BaseTunerLayer):
         self.cast_input_dtype_enabled = True
         self.forward_context = ForwardContext()  # the tuner replaces it with the model's shared context
         self._record_key = next(_layer_keys)  # this layer's key in `ForwardContext.records`
-        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        in_features, out_features = self._base_in_out_features()
         self.in_features = in_features
         self.out_features = out_features
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)  # weight stored (in, out); set by type
         self.kwargs = kwargs
+
+    def _base_in_out_features(self) -> tuple[int, int]:
+        """(d_in, d_out) of the base layer; quantized layers (`comoe_peft.bnb`) override it."""
+        return _get_in_out_features(self.get_base_layer())
 
     def update_layer(
         self,
@@ -301,14 +307,16 @@ class Linear(nn.Module, CoMoELayer):
         up = self.comoe_B[adapter_name]  # (d_out, N*r)
         router = self.comoe_router[adapter_name]  # (N, d_in)
         tokens = x.reshape(-1, self.in_features)  # (T, d_in)
+        experts_x = _as_dtype(tokens, down.dtype)  # (T, d_in); one cast serves the router too when dtypes agree
         logit_dtype = router_dtype(down.dtype)
-        logits = _as_dtype(tokens, logit_dtype) @ _as_dtype(router, logit_dtype).t()  # (T, N), float32
+        router_x = experts_x if experts_x.dtype == logit_dtype else _as_dtype(tokens, logit_dtype)
+        logits = router_x @ _as_dtype(router, logit_dtype).t()  # (T, N), float32
         if settings.top_k > 1:
             top_logits, topk_idx = logits.topk(settings.top_k, dim=-1)  # (T, k)
             top_gates = top_logits.softmax(dim=-1)  # (T, k), the renormalised top-k probabilities
         else:
             top_gates, topk_idx = logits.softmax(dim=-1).topk(1, dim=-1)  # (T, 1), the raw probability
-        h = _as_dtype(tokens, down.dtype) @ down.t()  # (T, N*r)
+        h = experts_x @ down.t()  # (T, N*r)
         gates = torch.zeros(h.shape[0], settings.num_experts, dtype=h.dtype, device=h.device)
         gates = gates.scatter_(1, topk_idx, _as_dtype(top_gates, h.dtype))  # (T, N), zero off the top-k
         gated = (h.view(-1, settings.num_experts, self.r[adapter_name]) * gates.unsqueeze(-1)).view(h.shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +15,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .bnb import dispatch_bnb
 from .config import CoMoEConfig
 from .layer import CoMoELayer, ExpertSettings, ForwardContext, Linear, RoutingStats, raise_merge_error
 
@@ -68,6 +70,7 @@ class CoMoEModel(BaseTuner):
             use_rslora=peft_config.use_rslora,
         )
         if isinstance(target, CoMoELayer):
+            _warn_on_fan_in_fan_out(peft_config, target.get_base_layer())
             target.update_layer(adapter_name, **layer_args)
             target.forward_context = self.forward_context
             return
@@ -188,21 +191,17 @@ def _create_new_module(
     peft_config: CoMoEConfig, target: nn.Module, current_key: str, adapter_name: str, **layer_args: Any
 ) -> Linear:
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-    if isinstance(base, Conv1D):
-        if not peft_config.fan_in_fan_out:
-            peft_config.fan_in_fan_out = True  # Conv1D stores its weight as (in, out)
-    elif isinstance(base, nn.Linear):
-        if peft_config.fan_in_fan_out:
-            raise ValueError(
-                f"CoMoEConfig.fan_in_fan_out=True, but '{current_key}' is a torch.nn.Linear, whose weight is "
-                "(out, in). Set fan_in_fan_out=False (it is set for you on transformers' Conv1D layers)."
-            )
-    else:
+    quantized = dispatch_bnb(target, adapter_name, **layer_args)  # bitsandbytes 4-bit / 8-bit (nn.Linear subclasses)
+    if quantized is not None:
+        return quantized
+    if not isinstance(base, SUPPORTED_LAYER_TYPES):
         supported = ", ".join(f"{t.__module__}.{t.__name__}" for t in SUPPORTED_LAYER_TYPES)
         raise ValueError(
             f"Target module '{current_key}' is a {type(base).__module__}.{type(base).__name__}, which CoMoE does "
-            f"not support. Supported layer types: {supported}. Change target_modules to select only such layers."
+            f"not support. Supported layer types: {supported} (and bitsandbytes' Linear4bit and Linear8bitLt). "
+            "Change target_modules to select only such layers."
         )
+    _warn_on_fan_in_fan_out(peft_config, base)
     return Linear(target, adapter_name, **layer_args)
 
 
@@ -210,6 +209,23 @@ def _pattern_value(pattern: dict[str, Any], current_key: str, default: Any) -> A
     """The value of the first `pattern` key that matches the module name, with peft's own rule (`get_pattern_key`,
     as `LoraModel._create_and_replace` uses it for rank_pattern and alpha_pattern), else `default`."""
     return pattern.get(get_pattern_key(pattern.keys(), current_key), default)
+
+
+def _warn_on_fan_in_fan_out(config: CoMoEConfig, base: nn.Module) -> None:
+    """Warn, as peft LoRA does, when `config.fan_in_fan_out` disagrees with the type of the base layer.
+
+    Each CoMoE layer takes its orientation from its own base layer (`CoMoELayer.fan_in_fan_out`: True for
+    transformers' `Conv1D`, whose weight is (in, out), False for `torch.nn.Linear`), so one model may mix both
+    types. The config's value is not used for a layer it disagrees with, and the config itself is never changed.
+    """
+    transposed = isinstance(base, Conv1D)
+    if config.fan_in_fan_out != transposed:
+        kind = "`Conv1D`" if transposed else "`torch.nn.Linear`"
+        warnings.warn(
+            f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module is {kind}. Using "
+            f"fan_in_fan_out={transposed} for this layer (CoMoEConfig is left unchanged).",
+            stacklevel=2,
+        )
 
 
 def _expert_settings(config: CoMoEConfig, current_key: str) -> ExpertSettings:

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -212,13 +212,16 @@ def load_model_and_tokenizer(
     name_or_path: str | None = None,
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
+    **model_kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, offline.
 
     Args:
         name_or_path: as in `resolve_model_path` (`None` means the default SmolLM2).
-        dtype: parameter dtype of the loaded model.
+        dtype: parameter dtype of the loaded model (of its unquantized parts, for a quantized one).
         cache_dir: cache root for the default model.
+        **model_kwargs: more `from_pretrained` arguments, e.g. `quantization_config` and `device_map` for a
+            bitsandbytes base (`comoe_peft.jobs.quantization_kwargs`).
 
     Returns:
         `(model, tokenizer)`. The tokenizer always has a pad token (the EOS token when it had
@@ -235,7 +238,7 @@ def load_model_and_tokenizer(
             raise ValueError(f"The tokenizer of '{path}' has neither a pad nor an EOS token; set one.")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **model_kwargs)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -71,6 +71,22 @@ def find_comoe_model(model: torch.nn.Module) -> CoMoEModel:
     )
 
 
+def keep_routers_float32(comoe_model: CoMoEModel) -> int:
+    """Cast every fp16 / bf16 router weight back to float32 and return how many were cast.
+
+    TRL's `SFTTrainer` casts all trainable parameters of a quantized (QLoRA) model to bf16, following the QLoRA
+    paper for LoRA weights. The experts may stay so, but the router's probabilities decide the top-k and must stay
+    float32, as in Mixtral. Runs before the optimizer is built, so the optimizer sees the float32 tensors.
+    """
+    cast = 0
+    for module in comoe_model.model.modules():
+        for name, weight in getattr(module, "comoe_router", {}).items():
+            if weight.dtype in (torch.float16, torch.bfloat16):
+                weight.data = weight.data.float()
+                cast += 1
+    return cast
+
+
 class CoMoETrainerMixin:
     """Adds the CoMoE auxiliary losses and `comoe/*` metrics to a `transformers.Trainer` subclass.
 
@@ -90,6 +106,7 @@ class CoMoETrainerMixin:
         if getattr(self, "_comoe_metrics", None) is not None:
             return  # already set up (a subclass that also calls it)
         self.comoe_model = find_comoe_model(self.model)
+        keep_routers_float32(self.comoe_model)
         self._comoe_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._refuse_reentrant_checkpointing()
         if getattr(self.args, "comoe_expert_load_history", True):

@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import decode_speed
+import gpu_check
 import layer_speed
 import prototypes
 import train_step
@@ -140,3 +143,65 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
     # a finished run is not reused for other settings: a clear error instead of a silently wrong report
     with pytest.raises(SystemExit, match="other settings.*max_steps: stored 2, asked 3"):
         quality.main(["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--max-steps", "3"])
+
+
+def test_decode_speed_reports_every_arm_eager_and_compiled(tmp_path):
+    out, table = tmp_path / "decode.json", tmp_path / "decode.md"
+    argv = ["--quick", "--models", "tiny", "--batches", "1", "2", "--compile", "--out", str(out), "--markdown",
+            str(table)]
+    decode_speed.main(argv)
+    report = json.loads(out.read_text())
+    (model,) = report["results"]
+    assert [result["batch"] for result in model["results"]] == [1, 2]
+    for result in model["results"]:
+        arms = result["arms"]
+        assert set(arms) == {"base", "lora_kr", "comoe", "base_compiled", "lora_kr_compiled", "comoe_compiled"}
+        for arm, values in arms.items():
+            assert finite_positive(values["prefill_ratio_to_lora_kr"]), arm
+            assert finite_positive(values["decode_ratio_to_lora_kr"]), arm
+            assert (values["peak_memory_bytes"] is None) == arm.endswith("_compiled"), arm
+        assert arms["comoe"]["peak_memory_bytes"] > 0
+        assert finite_positive(arms["comoe_compiled"]["decode_ratio_to_eager"])
+        assert result["compiled_generates_the_eager_tokens"]["comoe_compiled"] is True
+        assert set(result["targets"]) == {"decode_le_1.1x_lora_kr", "prefill_le_1.15x_lora_kr"}
+    assert "comoe_compiled" in table.read_text()
+
+
+def test_decode_speed_refuses_bad_numbers_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        decode_speed.parse_args(["--new-tokens", "0"])
+    assert exit_info.value.code == 2
+    assert "--new-tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_live_tensor_bytes_counts_what_a_call_holds_at_once():
+    def run():
+        a = torch.empty(1000)  # 4000 bytes
+        b = torch.empty(500)  # 2000 bytes, both alive: 6000
+        del a, b
+        c = torch.empty(250)  # 1000 bytes after both were freed
+        return c.view(10, 25)  # a view adds nothing
+
+    weight = torch.empty(10_000)
+    assert decode_speed.peak_memory(lambda: (weight.t(), weight.add_(0)), "cpu") == 0  # earlier tensors excluded
+    assert decode_speed.peak_memory(run, "cpu") == 6000
+
+
+def test_gpu_check_dry_run_checks_every_command_within_the_budget(tmp_path, capsys):
+    summary = gpu_check.main(["--dry-run", "--out-dir", str(tmp_path)])
+    assert summary["dry_run"] and summary["limit_seconds"] <= 8 * 60
+    names = [step.name for step in gpu_check.plan(tmp_path)]
+    assert names == ["cuda_tests", "layer_speed", "train_step", "decode_speed", "decode_compiled"]
+    for command in summary["steps"][1:]:
+        assert Path(command[1]).is_file() and "--device" in command and "cuda" in command
+        assert any(str(tmp_path) in part for part in command), "results go to --out-dir"
+    assert not list(tmp_path.iterdir()), "a dry run writes nothing"
+    printed = capsys.readouterr().out
+    assert "decode_compiled" in printed and "at most" in printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_gpu_check_without_a_gpu_says_so_and_writes_nothing(tmp_path):
+    with pytest.raises(SystemExit, match="no CUDA GPU.*--dry-run"):
+        gpu_check.main(["--out-dir", str(tmp_path / "gpu")])
+    assert not (tmp_path / "gpu").exists()

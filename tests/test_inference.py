@@ -157,3 +157,16 @@ def test_whole_model_compiles_with_fullgraph_and_matches_eager(mode):
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-4)
     for a, b in zip(results[1][2], results[0][2]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_lean_path_equals_recorded_path_and_compiles(dtype):
+    layer = make_layer(d_in=64, d_out=48, r=8, num_experts=8).cuda().to(dtype)
+    x = torch.randn(4, 9, 64, device="cuda", dtype=dtype)
+    (lean, _), (recorded, _) = lean_and_recorded(layer, x)
+    torch.testing.assert_close(lean, recorded)
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, lean, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)

@@ -56,11 +56,13 @@ def test_trains_and_only_adapter_parameters_change(builder, targets, batch):
         assert changed == (name in trainable) or ("comoe_router" in name and not changed), name
 
 
-def test_gpt2_conv1d_sets_fan_in_fan_out():
-    model = comoe(tiny_gpt2(), target_modules=["c_attn"])
-    assert model.peft_config["default"].fan_in_fan_out is True
+def test_gpt2_conv1d_layers_are_transposed_and_the_config_is_left_alone():
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to False but the target module is `Conv1D`"):
+        model = comoe(tiny_gpt2(), target_modules=["c_attn"])
+    assert model.peft_config["default"].fan_in_fan_out is False  # the user's value; each layer knows its own
     layer = model.base_model.model.transformer.h[0].attn.c_attn
     assert isinstance(layer, CoMoELayer) and (layer.in_features, layer.out_features) == (32, 96)
+    assert layer.fan_in_fan_out is True
 
 
 def test_trainable_parameter_count_is_the_formula():

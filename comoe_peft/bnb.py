@@ -1,0 +1,80 @@
+"""CoMoE experts on bitsandbytes-quantized base layers (QLoRA): 4-bit `Linear4bit` and 8-bit `Linear8bitLt`.
+
+The frozen base layer keeps its own (dequantising) forward; the experts and the router are ordinary float tensors
+beside it (float32 by default, the router always computes in float32):
+
+    x -> base_layer(x)                     (..., d_out) in the base layer's output dtype (its compute dtype is its own)
+    x -> experts and router                 in the adapter dtype, x cast on the fly (`fused_down.RoutedDownProjection`)
+      -> added out of place, cast back      (..., d_out) in the base layer's output dtype
+
+bitsandbytes is optional: nothing here imports it until a model holds one of its layers (peft imports it first).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+from torch import nn
+
+from .layer import Linear
+
+__all__ = ["Linear4bit", "Linear8bitLt", "dispatch_bnb", "quantized_in_out_features"]
+
+
+def quantized_in_out_features(base_layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a bitsandbytes linear layer.
+
+    A 4-bit weight is packed (two values per byte, stored as a (d_in * d_out / 2, 1) tensor), so its shape says
+    nothing about the layer; the unpacked (d_out, d_in) shape is in its quantization state. Other layers (8-bit,
+    or 4-bit before quantization) report `in_features` / `out_features` like a `torch.nn.Linear`.
+    """
+    quant_state = getattr(base_layer.weight, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    if shape is not None:
+        out_features, in_features = shape
+        return int(in_features), int(out_features)
+    return int(base_layer.in_features), int(base_layer.out_features)
+
+
+class _QuantizedLinear(Linear):
+    """CoMoE experts beside a frozen quantized linear layer; subclasses only name the base type."""
+
+    def _base_in_out_features(self) -> tuple[int, int]:
+        return quantized_in_out_features(self.get_base_layer())
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The quantized layer's output plus, for each active adapter, the gated sum of its top-k experts."""
+        if kwargs.pop("adapter_names", None) is not None:
+            raise ValueError("CoMoE does not support mixed-adapter batches (`adapter_names`); use set_adapter.")
+        result = self.base_layer(x, *args, **kwargs)  # (..., d_out), dequantised by bitsandbytes
+        if self.disable_adapters:
+            return result
+        expected_dtype = result.dtype
+        for adapter_name in self.active_adapters:
+            if adapter_name in self.comoe_A:
+                result = self._add_experts(x, result, adapter_name)  # a new tensor: the base output is never written
+        return result.to(expected_dtype)
+
+
+class Linear4bit(_QuantizedLinear):
+    """CoMoE experts on a bitsandbytes `Linear4bit` (nf4 or fp4, any compute dtype): QLoRA with routed experts."""
+
+
+class Linear8bitLt(_QuantizedLinear):
+    """CoMoE experts on a bitsandbytes `Linear8bitLt` (LLM.int8())."""
+
+
+def dispatch_bnb(target: nn.Module, adapter_name: str, **layer_args: Any) -> Linear | None:
+    """The CoMoE layer for a bitsandbytes 4-bit or 8-bit target, or None when the target is not one of those."""
+    if not is_bnb_available():
+        return None
+    import bitsandbytes as bnb
+
+    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    if is_bnb_4bit_available() and isinstance(base, bnb.nn.Linear4bit):
+        return Linear4bit(target, adapter_name, **layer_args)
+    if isinstance(base, bnb.nn.Linear8bitLt):
+        return Linear8bitLt(target, adapter_name, **layer_args)
+    return None

@@ -1,0 +1,339 @@
+"""CoMoE on bitsandbytes-quantized bases (QLoRA): 4-bit nf4 / fp4 with float32 and bf16 compute, and 8-bit.
+
+The tiny Llama is saved once and reloaded with a `BitsAndBytesConfig` on the CPU (bitsandbytes 0.50
+runs both there). Its width is 64, not conftest's 32: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights
+at the first inference forward and needs in_features to be a multiple of its block size (64), see the last test.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import bitsandbytes as bnb  # in the `test` extra
+from conftest import multitask_rows, tiny_llama, tiny_tokenizer, token_batch
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from reference import expert_matrices, moe_lora_loop
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+from comoe_peft import CoMoEConfig, CoMoELayer
+from comoe_peft import bnb as comoe_bnb
+
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+QUANT = {
+    "nf4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    "nf4-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+    "fp4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
+    "fp4-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16),
+    "int8": dict(load_in_8bit=True),
+}
+# (d_in, d_out) of the targets in the width-64 Llama (4 heads, 2 KV heads of 16)
+FEATURES = {"q_proj": (64, 64), "v_proj": (64, 32), "o_proj": (64, 64), "down_proj": (128, 64)}
+
+
+def width64_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("width64-llama")
+    tokenizer = tiny_tokenizer()
+    width64_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load(folder, quant: str | None, dtype: torch.dtype = torch.float32):
+    """The saved model, quantized with QUANT[quant] (None: unquantized) on the CPU."""
+    kwargs = {} if quant is None else dict(quantization_config=BitsAndBytesConfig(**QUANT[quant]), device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+
+
+def comoe_config(**overrides) -> CoMoEConfig:
+    kwargs = dict(r=4, lora_alpha=8, num_experts=4, top_k=2, target_modules=TARGETS, init_weights=False,
+                  contrastive_loss_coef=0.1, router_z_loss_coef=1e-3)
+    kwargs.update(overrides)
+    return CoMoEConfig(**kwargs)
+
+
+def batch(vocab: int = 128):
+    return token_batch(vocab=vocab)
+
+
+def logits(model, inputs):
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+def train_steps(model, inputs, steps: int = 2, lr: float = 1e-2) -> list[float]:
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        out = model(**inputs, labels=inputs["input_ids"])
+        loss = out.loss + model.base_model.get_aux_loss()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def quantized_bytes(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.dtype.is_floating_point}
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+@pytest.mark.parametrize("quant", QUANT)
+def test_quantized_targets_get_comoe_bnb_layers_with_the_real_shapes(model_dir, quant):
+    model = get_peft_model(load(model_dir, quant), comoe_config())
+    expected_type = comoe_bnb.Linear8bitLt if quant == "int8" else comoe_bnb.Linear4bit
+    expected_base = bnb.nn.Linear8bitLt if quant == "int8" else bnb.nn.Linear4bit
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, CoMoELayer)}
+    assert len(layers) == 8
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        assert type(layer) is expected_type and isinstance(base, expected_base), name
+        d_in, d_out = FEATURES[name.rsplit(".", 1)[-1]]
+        assert (layer.in_features, layer.out_features) == (d_in, d_out), name
+        assert layer.comoe_A["default"].shape == (4 * 4, d_in) and layer.comoe_B["default"].shape == (d_out, 16)
+        assert layer.comoe_router["default"].dtype == torch.float32 and layer.comoe_A["default"].dtype == torch.float32
+        assert layer.fan_in_fan_out is False
+        if quant != "int8":
+            assert tuple(base.weight.shape) != (d_out, d_in)  # packed: the shape says nothing about the layer
+    assert comoe_bnb.quantized_in_out_features(layers[next(iter(layers))].get_base_layer()) == (64, 64)
+    assert repr(next(iter(layers.values()))).startswith("comoe.")
+
+
+@pytest.mark.parametrize("quant, dtype", [("nf4-fp32", torch.float32), ("nf4-bf16", torch.float32),
+                                          ("nf4-bf16", torch.bfloat16), ("fp4-bf16", torch.bfloat16),
+                                          ("int8", torch.float32), ("int8", torch.bfloat16)])
+def test_layer_output_is_the_base_output_plus_the_experts_in_the_base_dtype(model_dir, quant, dtype):
+    model = get_peft_model(load(model_dir, quant, dtype), comoe_config())
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.comoe_router["default"].dtype == torch.float32  # router fp32 even on a bf16 model
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        base_out = layer.base_layer(x)  # (2, 5, 64)
+        out = layer(x)
+    assert out.dtype == base_out.dtype == dtype and out.shape == base_out.shape
+    pairs, router = expert_matrices(layer)
+    expected = moe_lora_loop(x.float(), base_out.float(), pairs, router, 2, layer.scaling["default"])
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: the sum is rounded to bf16 once
+    torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
+    with model.disable_adapter(), torch.no_grad():
+        torch.testing.assert_close(layer(x), base_out, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("quant", QUANT)
+def test_kbit_preparation_with_non_reentrant_checkpointing_trains_only_the_adapter(model_dir, quant):
+    base = prepare_model_for_kbit_training(load(model_dir, quant), use_gradient_checkpointing=True,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert base.is_gradient_checkpointing
+    model = get_peft_model(base, comoe_config())
+    frozen = quantized_bytes(model)
+    assert frozen  # the uint8 / int8 weights
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".comoe_" in n for n in trainable)
+
+    model.train()
+    inputs = batch(vocab=320)
+    out = model(**inputs, labels=inputs["input_ids"])
+    aux = model.base_model.get_aux_losses()
+    assert set(aux) == {"contrastive", "balance", "z"}
+    (out.loss + model.base_model.get_aux_loss()).backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+    losses = train_steps(model, inputs, steps=3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(not torch.equal(trainable[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    for name, value in quantized_bytes(model).items():
+        assert torch.equal(value, frozen[name]), name
+
+
+@pytest.mark.slow
+def test_comoe_sft_trainer_takes_steps_on_a_4bit_base_and_keeps_the_router_fp32(model_dir, tmp_path):
+    from datasets import Dataset
+
+    from comoe_peft.trainer import CoMoESFTConfig, CoMoESFTTrainer
+
+    tokenizer = tiny_tokenizer()
+    args = CoMoESFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+                          save_strategy="no", report_to="none", bf16=False, use_cpu=True, max_length=48,
+                          gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                          seed=0, disable_tqdm=True)
+    trainer = CoMoESFTTrainer(model=load(model_dir, "nf4-bf16"), args=args,
+                              train_dataset=Dataset.from_list(multitask_rows(4)), processing_class=tokenizer,
+                              peft_config=comoe_config(target_modules=["q_proj", "v_proj"]))
+    params = dict(trainer.model.named_parameters())
+    routers = {n: p for n, p in params.items() if "comoe_router" in n}
+    experts = {n: p for n, p in params.items() if "comoe_A" in n}
+    assert routers and all(p.dtype == torch.float32 for p in routers.values())  # TRL cast it to bf16; undone
+    assert all(p.dtype == torch.bfloat16 for p in experts.values())  # TRL's QLoRA choice for the experts, kept
+    before = {n: p.detach().clone() for n, p in routers.items()}
+    trainer.train()
+    steps = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(steps) == 2 and all(e["loss"] == e["loss"] for e in steps) and "comoe/contrastive" in steps[0]
+    assert any(not torch.equal(before[n], p) for n, p in routers.items())
+
+
+# ---------------------------------------------------------------------------------------------- peft contract
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "fp4-bf16", "int8"])
+def test_save_load_disable_and_unload_on_a_quantized_base(model_dir, tmp_path, quant):
+    inputs = batch(vocab=320)
+    model = get_peft_model(load(model_dir, quant), comoe_config())
+    train_steps(model, inputs, steps=2)
+    expected = logits(model, inputs)
+    reference_base = logits(load(model_dir, quant), inputs)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, inputs), reference_base, rtol=0, atol=0)
+    assert not torch.allclose(expected, reference_base)
+    model.save_pretrained(tmp_path)
+
+    loaded = PeftModel.from_pretrained(load(model_dir, quant), tmp_path)
+    assert isinstance(loaded.base_model.model.model.layers[0].self_attn.q_proj, CoMoELayer)
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+    unloaded = loaded.unload()
+    assert not any(isinstance(m, CoMoELayer) for m in unloaded.modules())
+    kind = bnb.nn.Linear8bitLt if quant == "int8" else bnb.nn.Linear4bit
+    assert isinstance(unloaded.model.layers[0].self_attn.q_proj, kind)
+    torch.testing.assert_close(logits(unloaded, inputs), reference_base, rtol=0, atol=0)
+
+
+def test_two_adapters_on_a_4bit_base(model_dir):
+    inputs = batch(vocab=320)
+    model = get_peft_model(load(model_dir, "nf4-fp32"), comoe_config())
+    first = logits(model, inputs)
+    model.add_adapter("other", comoe_config(r=2, num_experts=3, target_modules=["q_proj"]))
+    model.set_adapter("other")
+    second = logits(model, inputs)
+    assert not torch.allclose(first, second)
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, comoe_bnb.Linear4bit)
+    model.delete_adapter("other")
+    model.set_adapter("default")
+    torch.testing.assert_close(logits(model, inputs), first)
+
+
+# How close the adapter on the float32 original must stay to the adapter on its 4-bit base. The bases themselves
+# differ by the quantization error; a token whose top-k flips between the two bases moves by a whole expert, so the
+# bounds are on means, plus a loose bound on the maximum. Measured on this model after 10 steps (nf4 / fp4, float32
+# and bf16 compute): mean |base_f - base_q| 0.013-0.016, mean |adapted_f - adapted_q| 0.005-0.010, mean
+# |contribution_f - contribution_q| 0.013-0.017 for contributions of mean size 0.16-0.17; max |adapted_f -
+# adapted_q| 0.04-0.26 for logits of about 1. A lost or garbled adapter misses every bound by an order of magnitude.
+MEAN_GAP_OVER_BASE_GAP = 2.0  # mean |adapted_f - adapted_q| <= 2 x mean |base_f - base_q|
+CONTRIBUTION_RTOL = 0.2  # mean |contribution_f - contribution_q| <= 0.2 x mean |contribution_q|
+MAX_GAP = 0.5  # max |adapted_f - adapted_q|
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "fp4-bf16"])
+def test_adapter_trained_on_4bit_loads_on_the_float32_base(model_dir, tmp_path, quant):
+    inputs = batch(vocab=320)
+    base = prepare_model_for_kbit_training(load(model_dir, quant),
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    quantized = get_peft_model(base, comoe_config(init_weights=True))
+    train_steps(quantized, inputs, steps=10)
+    adapted_q = logits(quantized, inputs)
+    with quantized.disable_adapter():
+        base_q = logits(quantized, inputs)
+    quantized.save_pretrained(tmp_path)
+
+    full = PeftModel.from_pretrained(load(model_dir, None), tmp_path)
+    assert type(full.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear"  # comoe.Linear
+    adapted_f = logits(full, inputs)
+    with full.disable_adapter():
+        base_f = logits(full, inputs)
+    contribution_q, contribution_f = adapted_q - base_q, adapted_f - base_f
+    assert contribution_q.abs().mean() > 0.05  # the adapter matters ...
+    assert (adapted_f - adapted_q).abs().mean() <= MEAN_GAP_OVER_BASE_GAP * (base_f - base_q).abs().mean()
+    assert (contribution_f - contribution_q).abs().mean() <= CONTRIBUTION_RTOL * contribution_q.abs().mean()
+    assert (adapted_f - adapted_q).abs().max() < MAX_GAP  # ... and carries over
+    trained = {k: v for k, v in quantized.state_dict().items() if ".comoe_" in k}
+    reloaded = {k: v for k, v in full.state_dict().items() if ".comoe_" in k}
+    assert trained.keys() == reloaded.keys() and all(torch.equal(trained[k], reloaded[k]) for k in trained)
+
+
+# ---------------------------------------------------------------------------------------------- bitsandbytes on CPU
+
+
+def test_bitsandbytes_cpu_inference_repacking_is_recorded(tmp_path):
+    """What bitsandbytes 0.50.2 does on CPUs with AVX512-BF16, recorded so that docs/qlora.md stays true.
+
+    At the first forward in eval mode without gradients, a 4-bit layer repacks its weight for a faster CPU kernel
+    (with bf16 scales). That refuses a layer whose in_features is not a multiple of the block size (64), and reading
+    the state dict (e.g. `save_pretrained`) unpacks the weight with a lossy inverse, so later eval outputs move.
+    Without AVX512-BF16 neither happens. Training forwards never repack.
+    """
+    repacks = bool(bnb.functional.has_avx512bf16())
+    tiny_llama().save_pretrained(tmp_path)  # width 32: not a multiple of 64
+    model = load(tmp_path, "nf4-fp32").requires_grad_(False)
+    inputs = batch()
+    if repacks:
+        with pytest.raises(RuntimeError, match="is invalid for input of size"), torch.no_grad():
+            model(**inputs)
+    else:
+        logits(model, inputs)
+    model.train()
+    with torch.no_grad():
+        model(**inputs)  # training mode: the unpacked kernel, any width
+
+
+def test_state_dict_read_moves_repacked_eval_outputs_only_with_avx512_bf16(model_dir):
+    repacks = bool(bnb.functional.has_avx512bf16())
+    model = load(model_dir, "nf4-fp32").requires_grad_(False)
+    inputs = batch(vocab=320)
+    first = logits(model, inputs)
+    torch.testing.assert_close(logits(model, inputs), first, rtol=0, atol=0)
+    model.state_dict()
+    moved = (logits(model, inputs) - first).abs().max().item()
+    assert (moved > 1e-4) == repacks, moved
+    fresh = load(model_dir, "nf4-fp32").requires_grad_(False)
+    torch.testing.assert_close(logits(fresh, inputs), first, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+
+def test_bitsandbytes_8bit_optimizer_steps_a_cpu_adapter(model_dir):
+    model = get_peft_model(load(model_dir, "nf4-fp32"), comoe_config())
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = bnb.optim.PagedAdamW8bit(params, lr=1e-2)  # TRL's optim="paged_adamw_8bit"
+    inputs = batch(vocab=320)
+    model.train()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    optimizer.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(b, p) for b, p in zip(before, params))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quant", QUANT)
+def test_cuda_quantized_base_trains_and_round_trips(model_dir, tmp_path, quant):
+    config = BitsAndBytesConfig(**QUANT[quant])
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cuda:0")
+    base = prepare_model_for_kbit_training(base, gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(base, comoe_config())
+    inputs = {k: v.cuda() for k, v in batch(vocab=320).items()}
+    losses = train_steps(model, inputs, steps=3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    reload_base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=copy.deepcopy(config),
+                                                       device_map="cuda:0")
+    loaded = PeftModel.from_pretrained(reload_base, tmp_path)
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
