@@ -95,21 +95,25 @@ def reset_magnitude(layer: CoMoELayer, adapter_name: str) -> None:
     magnitude = layer.comoe_magnitude[adapter_name]
     if magnitude.is_meta or layer.comoe_A[adapter_name].is_meta or base_weight(layer.get_base_layer()).is_meta:
         return  # loaded later (low_cpu_mem_usage)
-    magnitude.copy_(layer_row_norms(layer, adapter_name))
+    magnitude.copy_(rounded_row_norms(layer, adapter_name))
+
+
+def rounded_row_norms(layer: CoMoELayer, adapter_name: str) -> torch.Tensor:
+    """`layer_row_norms` rounded to the frozen weight's dtype and then to the magnitude's (N, d_out), float32.
+
+    The magnitudes are initialised with these values and the scales divide by them, so c is exactly 1 at
+    initialisation whatever the dtypes: a bf16 or fp16 model, float32 adapters on it, a bf16 dequantized 4-bit
+    weight (peft's DoRA keeps its norm in the weight's dtype for the same reason).
+    """
+    norms = layer_row_norms(layer, adapter_name)  # (N, d_out) float32
+    weight_dtype = base_weight(layer.get_base_layer()).dtype
+    return norms.to(weight_dtype).to(layer.comoe_magnitude[adapter_name].dtype).to(norms.dtype)
 
 
 def expert_scales(layer: CoMoELayer, adapter_name: str) -> torch.Tensor:
-    """c_j = m_j / n_j (N, d_out) in float32, differentiable in m (n is a constant).
-
-    n is rounded to the frozen weight's dtype and to the magnitude's dtype first, the precision m was initialised in,
-    so that c is exactly 1 at initialisation in bf16 and fp16 models too (peft's DoRA keeps its norm in the weight's
-    dtype for the same reason).
-    """
-    magnitude = layer.comoe_magnitude[adapter_name]  # (N, d_out)
-    norms = layer_row_norms(layer, adapter_name)  # (N, d_out) float32
-    weight_dtype = base_weight(layer.get_base_layer()).dtype
-    norms = norms.to(weight_dtype).to(magnitude.dtype).to(norms.dtype)
-    return magnitude.to(norms.dtype) / norms
+    """c_j = m_j / n_j (N, d_out) in float32, differentiable in m (n is a constant, see `rounded_row_norms`)."""
+    norms = rounded_row_norms(layer, adapter_name)  # (N, d_out)
+    return layer.comoe_magnitude[adapter_name].to(norms.dtype) / norms
 
 
 def dense_gates(router_logits: torch.Tensor, topk_idx: torch.Tensor, top_k: int) -> torch.Tensor:
