@@ -58,6 +58,34 @@ class _QuantizedLinear(Linear):
         return result.to(expected_dtype)
 
 
+def linear4bit_layers(model: nn.Module) -> list[nn.Module]:
+    """Every bitsandbytes `Linear4bit` in `model`, adapted or not ([] without bitsandbytes)."""
+    if not is_bnb_4bit_available():
+        return []
+    import bitsandbytes as bnb
+
+    return [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+
+
+def unpack_cpu_inference_weight(base_layer: nn.Module) -> None:
+    """Give a 4-bit weight back its trainable layout if bitsandbytes repacked it for CPU inference.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit` weight at its first eval-mode forward without
+    gradients, and from then on computes that layer with a kernel that has no backward, also in training mode: no
+    gradient would pass through it to the experts below (an evaluation before or during training would silently
+    cut the training of the lower layers). `CoMoEModel` calls this on every 4-bit layer of the model before a
+    forward with gradients enabled; the layout is converted back with bitsandbytes' own inverse (lossy: the
+    repacking rounded the scales to bf16, as bitsandbytes' own state-dict read does).
+    """
+    weight = getattr(base_layer, "weight", None)
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None or not getattr(quant_state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
+
+
 class Linear4bit(_QuantizedLinear):
     """CoMoE experts on a bitsandbytes `Linear4bit` (nf4 or fp4, any compute dtype): QLoRA with routed experts."""
 

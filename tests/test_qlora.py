@@ -292,6 +292,25 @@ def test_bitsandbytes_cpu_inference_repacking_is_recorded(tmp_path):
         model(**inputs)  # training mode: the unpacked kernel, any width
 
 
+def test_training_after_an_eval_forward_still_reaches_every_expert(model_dir):
+    """bitsandbytes repacks 4-bit weights for CPU inference (AVX512-BF16) with a kernel that has no backward; the
+    CoMoE layer converts them back before a differentiable forward, so no expert loses its gradient."""
+    model = get_peft_model(load(model_dir, "nf4-fp32"), comoe_config(init_weights=True))
+    inputs = batch(vocab=320)
+    logits(model, inputs)  # eval, no grad: may repack
+    model.train()
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "comoe_B" in n}
+    assert len(grads) == 2 * len(TARGETS)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), [n for n, g in grads.items()
+                                                                              if g is None or g.abs().sum() == 0]
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 7, "adapted and not adapted 4-bit layers"
+    # the untargeted k, gate and up projections pass gradients to the layers below again too
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in four_bit)
+
+
 def test_state_dict_read_moves_repacked_eval_outputs_only_with_avx512_bf16(model_dir):
     repacks = bool(bnb.functional.has_avx512bf16())
     model = load(model_dir, "nf4-fp32").requires_grad_(False)
