@@ -74,21 +74,30 @@ def bigbench_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / "bigbench"
 
 
+# pip 26.3 refuses to download an sdist from the package index whose metadata declares a direct URL dependency,
+# even with --no-deps; bigbench 1.0.0 declares one (bleurt). The last pip without that check does the download.
+PIP_FOR_BIGBENCH = "26.2"
+DIRECT_URL_REFUSAL = "cannot declare direct URL dependencies"
+
+
 def download_bigbench_sdist(dest: Path) -> None:
-    """Download the BIG-bench source distribution into `dest` with `pip download` (no install)."""
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        f"bigbench=={BIGBENCH_VERSION}",
-        "-d",
-        str(dest),
-    ]
+    """Download the BIG-bench source distribution into `dest` with `pip download` (no install).
+
+    When this environment's pip refuses the sdist for its direct URL dependency (pip >= 26.3), pip
+    `PIP_FOR_BIGBENCH` is downloaded as a wheel into a temporary folder and run from there, installing nothing.
+    """
+    args = ["download", "--no-deps", "--no-binary", ":all:", f"bigbench=={BIGBENCH_VERSION}", "-d", str(dest)]
+    command = [sys.executable, "-m", "pip", *args]
     result = subprocess.run(command, check=False, capture_output=True, text=True)
+    if result.returncode != 0 and DIRECT_URL_REFUSAL in result.stderr:
+        with tempfile.TemporaryDirectory() as pip_dir:
+            fetch_pip = [sys.executable, "-m", "pip", "download", "--no-deps", f"pip=={PIP_FOR_BIGBENCH}",
+                         "-d", pip_dir]
+            result = subprocess.run(fetch_pip, check=False, capture_output=True, text=True)
+            if result.returncode == 0:
+                wheel = Path(pip_dir) / f"pip-{PIP_FOR_BIGBENCH}-py3-none-any.whl"
+                command = [sys.executable, str(wheel / "pip"), *args]  # pip runs from its own wheel
+                result = subprocess.run(command, check=False, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(
             f"downloading the BIG-bench data failed ({' '.join(command)}):\n{result.stderr[-2000:]}\n"

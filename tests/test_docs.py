@@ -196,6 +196,19 @@ def check_pytest(argv: list[str], label: str) -> None:
             assert (ROOT / arg.split("::")[0]).exists(), f"{label}: {arg} does not exist"
 
 
+def check_benchmark(argv: list[str], label: str) -> None:
+    """`python benchmarks/X.py ARGS`: the script exists and its own parser accepts ARGS (nothing runs)."""
+    script = ROOT / argv[1]
+    assert script.is_file(), f"{label}: {argv[1]} does not exist"
+    sys.path.insert(0, str(script.parent))
+    try:
+        importlib.import_module(script.stem).parse_args(argv[2:])
+    except SystemExit as error:
+        raise AssertionError(f"{label}: {argv[1]} refuses `{shlex.join(argv[2:])}`") from error
+    finally:
+        sys.path.remove(str(script.parent))
+
+
 def test_bash_commands_name_what_exists():
     readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     readme_installs = [shlex.split(line, comments=True) for line in readme if line.startswith("pip install")]
@@ -214,6 +227,8 @@ def test_bash_commands_name_what_exists():
             check_accelerate(argv, label)
         elif argv[0] == "comoe-peft":
             check_comoe_peft(argv, label)
+        elif argv[0] == "python" and argv[1].startswith("benchmarks/"):
+            check_benchmark(argv, label)
         else:
             raise AssertionError(f"{label}: no check for `{line}`; add one to tests/test_docs.py")
         seen.add(argv[0] if argv[0] != "python" else "pytest")

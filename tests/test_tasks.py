@@ -165,6 +165,30 @@ def test_default_download_runs_pip_download_of_the_sdist(tmp_path: Path, monkeyp
     assert command[3:9] == ["download", "--no-deps", "--no-binary", ":all:", "bigbench==1.0.0", "-d"]
 
 
+def test_download_refused_by_a_new_pip_runs_an_older_pip_from_its_wheel(tmp_path, monkeypatch) -> None:
+    """pip >= 26.3 refuses bigbench's sdist (a direct URL dependency in its metadata): pip 26.2 does the download."""
+    from comoe_peft.tasks import PIP_FOR_BIGBENCH
+
+    commands = []
+
+    def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        commands.append(command)
+        if len(commands) == 1:
+            return subprocess.CompletedProcess(command, 1, "", "ERROR: Distributions from PyPI cannot declare "
+                                               "direct URL dependencies.\nbigbench depends on bleurt @ file://...")
+        if len(commands) == 2:
+            return subprocess.CompletedProcess(command, 0, "", "")
+        make_sdist(Path(command[command.index("-d") + 1]) / SDIST_NAME)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    files = fetch_bigbench_tasks(["gen_task"], tmp_path)
+    assert files["gen_task"][0].is_file()
+    assert commands[1][3:6] == ["download", "--no-deps", f"pip=={PIP_FOR_BIGBENCH}"]
+    assert commands[2][1].endswith(f"pip-{PIP_FOR_BIGBENCH}-py3-none-any.whl/pip")
+    assert commands[2][2:8] == ["download", "--no-deps", "--no-binary", ":all:", "bigbench==1.0.0", "-d"]
+
+
 def test_failed_download_explains_what_is_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(subprocess, "run", lambda command, **k: subprocess.CompletedProcess(command, 1, "", "no net"))
     with pytest.raises(RuntimeError, match="(?s)downloading the BIG-bench data failed.*no net.*package index"):
