@@ -19,8 +19,9 @@ models of real shapes with random weights (nothing is downloaded): `smollm2-shap
 Reported per model and batch size: median seconds of the prefill and per generated token, their median per-round
 ratios to lora_kr (and of compiled arms to compiled lora_kr and to their own eager arm), and the peak memory of
 one generation above the weights (CUDA: `max_memory_allocated`; CPU: the live bytes of the tensors the generation
-creates, counted in a `TorchDispatchMode`, in an untimed pass; not for compiled arms, which cannot run under one). CPU: torch.set_num_threads(1) and
-time.thread_time; CUDA: CUDA events. Targets (CPU): decode <= 1.10x lora_kr at every batch size, prefill <= 1.15x.
+creates, counted in a `TorchDispatchMode`, in an untimed pass; not for compiled arms, which cannot run under one).
+CPU: torch.set_num_threads(1) and time.thread_time; CUDA: the wall clock after `torch.cuda.synchronize()`.
+Targets (CPU): decode <= 1.10x lora_kr at every batch size, prefill <= 1.15x.
 
     python benchmarks/decode_speed.py --out benchmarks/results/decode_speed_cpu.json \
         --markdown benchmarks/results/decode_speed_cpu.md
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -48,7 +48,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layer_speed
 
 from comoe_peft import CoMoEConfig
-from comoe_peft.files import write_json_atomic, write_text_atomic
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EAGER_ARMS = ("base", "lora_kr", "comoe")
@@ -69,7 +68,7 @@ SHAPES = {
     "llama-7b-shape": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
-FULL_DEPTH_SHAPES = ("tiny", "smollm2-shape")  # the others take --shape-layers layers (the cost per layer is what counts)
+FULL_DEPTH_SHAPES = ("tiny", "smollm2-shape")  # the others take --shape-layers layers (the cost per layer counts)
 
 
 # ---------------------------------------------------------------------------------------------- models and arms
@@ -418,16 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    import peft
-
     meta = {
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "device": args.device,
-        "device_name": layer_speed.device_name(args.device),
-        "threads": torch.get_num_threads(),
-        "timer": "CUDA events (synchronised wall clock)" if args.device == "cuda" else "time.thread_time",
+        **layer_speed.machine(args.device, args.argv),
         "dtype": args.dtype_name,
         "num_experts": args.num_experts,
         "top_k": args.top_k,
@@ -436,9 +427,9 @@ def main(argv: list[str] | None = None) -> dict:
         "new_tokens": args.new_tokens,
         "rounds": args.rounds,
         "compile": args.compile,
-        "argv": args.argv,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if args.device == "cuda":
+        meta["timer"] = "wall clock after torch.cuda.synchronize()"
     report = {"meta": meta, "results": []}
     for name in args.models:
         model = load_model(name, args)
@@ -453,12 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name} batch {batch_result['batch']}: comoe decode {comoe['decode_ratio_to_lora_kr']:.3f}x, "
                   f"prefill {comoe['prefill_ratio_to_lora_kr']:.3f}x lora_kr ({result['wall_seconds']:.0f} s)",
                   flush=True)
-    table = markdown(report)
-    print(table)
-    if args.out:
-        write_json_atomic(args.out, report)
-    if args.markdown:
-        write_text_atomic(args.markdown, table)
+    layer_speed.write_report(report, markdown(report), args.out, args.markdown)
     return report
 
 

@@ -523,7 +523,8 @@ def device_name(device: str) -> str:
     return f"CPU {name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
-def environment(args: argparse.Namespace, device: str) -> dict:
+def machine(device: str, argv: list[str] | None) -> dict:
+    """What every benchmark report's `meta` names: versions, device, threads, clock, command line and date."""
     import peft
 
     return {
@@ -534,12 +535,23 @@ def environment(args: argparse.Namespace, device: str) -> dict:
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "timer": "CUDA events" if device == "cuda" else "time.thread_time",
-        "loss": "pow2: out.pow(2).mean() + 0.01 * con" if args.loss == "pow2" else "<out, g> + 0.01 * con",
-        "top_k": args.top_k,
-        "r": args.r,
-        "argv": sys.argv[1:] if args.argv is None else args.argv,
+        "argv": sys.argv[1:] if argv is None else argv,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def write_report(report: dict, table: str, out: str | None, markdown_path: str | None) -> None:
+    """Print the markdown table and write the JSON report and the table where asked (atomically)."""
+    print(table)
+    if out:
+        write_json_atomic(out, report)
+    if markdown_path:
+        write_text_atomic(markdown_path, table)
+
+
+def environment(args: argparse.Namespace, device: str) -> dict:
+    loss = "pow2: out.pow(2).mean() + 0.01 * con" if args.loss == "pow2" else "<out, g> + 0.01 * con"
+    return {**machine(device, args.argv), "loss": loss, "top_k": args.top_k, "r": args.r}
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -619,12 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f" ({result['wall_seconds']:.0f} s)",
                 flush=True,
             )
-    table = markdown(report)
-    print(table)
-    if args.out:
-        write_json_atomic(args.out, report)
-    if args.markdown:
-        write_text_atomic(args.markdown, table)
+    write_report(report, markdown(report), args.out, args.markdown)
     return report
 
 
