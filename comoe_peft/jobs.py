@@ -89,6 +89,7 @@ class TrainOptions:
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     save_steps: int | None = None
+    bf16: bool | None = None
     routing_eval_steps: list[int] = field(default_factory=list)
     routing_probe_per_task: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
@@ -281,9 +282,13 @@ def train_into(options: TrainOptions, staging: Path, splits) -> None:
     """Train `options.method` (resuming from the last checkpoint in `staging`, if any) and write the run files."""
     import shutil
 
+    from .callbacks import CPUTimeCallback
+
     quantization = quantization_kwargs(options.load_in_4bit, options.load_in_8bit)
     model_path, model, tokenizer = load_base_model(options.model, options.cache_dir, quantization)
     trainer = build_trainer(options, model, tokenizer, splits["train"], staging / TRAINER_DIR)
+    cpu_time = CPUTimeCallback()
+    trainer.add_callback(cpu_time)
     probe = add_routing_history(trainer, options, tokenizer, splits["test"])
     resume_from = last_checkpoint(staging)
     if resume_from:
@@ -298,6 +303,7 @@ def train_into(options: TrainOptions, staging: Path, splits) -> None:
     write_json(staging / LOG_HISTORY, trainer.state.log_history)
     record = run_record(options, model_path, splits, trainer)
     record["resumed_from_step"] = int(resume_from.rsplit("-", 1)[1]) if resume_from else None
+    record["train_cpu_time_s"] = cpu_time.total()
     write_json(staging / RUN_CONFIG, record)
     for checkpoint in (staging / TRAINER_DIR).glob("checkpoint-*"):  # finished: the adapter is all that is needed
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -342,6 +348,7 @@ def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, 
     from .trainer import CoMoESFTConfig, CoMoESFTTrainer
 
     on_gpu = torch.cuda.is_available()
+    bf16 = options.bf16 if options.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
     settings = dict(
         output_dir=str(output_dir),
         max_steps=options.max_steps,
@@ -354,14 +361,13 @@ def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, 
         save_steps=options.save_steps or 500,
         save_total_limit=SAVE_TOTAL_LIMIT,
         report_to="none",
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        bf16=bf16,  # on a CPU: bf16 autocast (worth it on CPUs with bf16 units: AVX512-BF16, AMX)
         use_cpu=not on_gpu,
         gradient_checkpointing=False,
         max_length=options.max_length,
         seed=options.seed,
         dataloader_num_workers=0,
-        **options.extra,
-    )
+    ) | options.extra
     dataset = to_sft_dataset(train_rows).remove_columns(["task"]).shuffle(seed=options.seed)
     peft_config = adapter_config(options, model)
     if options.method == "lora":

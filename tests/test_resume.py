@@ -91,6 +91,7 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, t
     assert main(train_args(tiny_model_dir, examples_file, tmp_path / "cut", *common)) == 0
     resumed = json.loads((tmp_path / "cut" / "run_config.json").read_text())
     assert resumed["resumed_from_step"] == 4 and not partial.exists()
+    assert 0 < resumed["train_cpu_time_s"], "the CPU time of the steps before the stop is counted too"
     cut_losses, whole_losses = losses(tmp_path / "cut"), losses(tmp_path / "whole")
     assert sorted(cut_losses) == [1, 2, 3, 4, 5, 6], "the log history runs on from the checkpoint, nothing repeated"
     for step in (5, 6):  # steps trained after the resume: same data order, optimizer and RNG state
