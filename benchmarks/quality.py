@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperatures", nargs="*", type=float, default=[], help="CoMoE tau sweep (seed 0)")
     parser.add_argument("--num-experts-sweep", nargs="*", type=int, default=[], metavar="N",
                         help="CoMoE runs with N experts (seed 0)")
+    parser.add_argument("--router-lr-multipliers", nargs="*", type=float, default=[], metavar="M",
+                        help="extra arms: comoe and moe on every seed with the routers at M times the learning rate")
     parser.add_argument("--save-steps", type=int, default=25,
                         help="checkpoint interval of every run; a stopped study resumes from the last checkpoints")
     parser.add_argument("--routing-points", type=int, default=4,
@@ -194,7 +196,7 @@ def total_cpu_time(results: list[dict[str, Any]]) -> float:
 
 def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argparse.Namespace, seconds: float,
              references: list[dict[str, Any]] | None = None, cpu_seconds: float = 0.0,
-             images: dict[str, str] | None = None) -> str:
+             images: dict[str, str] | None = None, arms: dict[str, dict[str, Any]] | None = None) -> str:
     """The report: accuracy table, paired difference, specialisation, routing over training, sweeps, plots, and
     how it was produced."""
     methods = list(summary["accuracy"])
@@ -223,6 +225,8 @@ def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argpar
         lines += ["", f"## Specialisation: {method} (mean over seeds)", "", "| metric | mean | std |", "|---|---|---|"]
         lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in metrics.items()]
     lines += routing_markdown(summary.get("routing_over_training", {}))
+    for multiplier, arm in (arms or {}).items():
+        lines += arm_markdown(multiplier, arm)
     if sweeps:
         lines += ["", "## CoMoE sweeps (seed 0)", "",
                   "lambda = 0 is MoE-LoRA; the main CoMoE run of seed 0 is given as a reference row.", "",
@@ -237,6 +241,35 @@ def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argpar
     if images:
         lines += ["", "## Plots", ""] + [f"![{title}]({path})" for title, path in images.items()]
     return "\n".join(lines) + "\n"
+
+
+def arm_markdown(multiplier: str, arm: dict[str, Any]) -> list[str]:
+    """One router learning-rate arm: overall accuracy per method, the paired difference, the final routing."""
+    lines = ["", f"## Arm: routers at {multiplier} x the learning rate (comoe and moe, all seeds)", "",
+             "| method | overall accuracy | final routing entropy | final JS between tasks |", "|---|---|---|---|"]
+    for method, table in arm["accuracy"].items():
+        routing = arm["routing_over_training"].get(method)
+        final = [routing[key][-1] if routing and routing[key][-1] else None
+                 for key in ("routing_entropy", "mean_js_between_tasks")]
+        cells = [f"{c['mean']:.4f} ± {c['std']:.4f}" if c else "–" for c in final]
+        lines.append(f"| {method} | {table['overall']['mean']:.3f} ± {table['overall']['std']:.3f} | "
+                     + " | ".join(cells) + " |")
+    paired = arm["paired_comoe_minus_moe"].get("overall")
+    if paired:
+        lines += ["", f"Paired CoMoE − MoE-LoRA, overall: {paired['mean']:+.3f} ± {paired['ci95']:.3f} (95% CI)."]
+    return lines
+
+
+def router_lr_arms(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Train / evaluate the `--router-lr-multipliers` arms; {multiplier: summary of its comoe and moe runs}."""
+    arms = {}
+    for multiplier in args.router_lr_multipliers:
+        runs = [run_one(args, f"{m}-rlr{multiplier:g}-s{s}", m, s, router_lr_multiplier=multiplier)
+                for s in args.seeds for m in EXPERT_METHODS]
+        runs = [r | {"overrides": {}} for r in runs if r]  # summarised as main runs of their own arm
+        if runs:
+            arms[f"{multiplier:g}"] = summarise(runs, list(EXPERT_METHODS)) | {"results": runs}
+    return arms
 
 
 def routing_markdown(routing: dict[str, dict[str, Any]]) -> list[str]:
@@ -329,16 +362,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sweeps += [run_one(args, f"comoe-tau{v:g}", "comoe", 0, contrastive_temperature=v) for v in args.temperatures]
     sweeps += [run_one(args, f"comoe-n{v}", "comoe", 0, num_experts=v) for v in args.num_experts_sweep]
     results, sweeps = [r for r in results if r], [r for r in sweeps if r]
+    arms = router_lr_arms(args)
     summary = summarise(results, args.methods)
     references = [r for r in results if r["seed"] == 0 and r["method"] in EXPERT_METHODS] if sweeps else []
     out = Path(args.out_dir)
-    cpu_seconds = total_cpu_time(results + sweeps)
+    cpu_seconds = total_cpu_time(results + sweeps + [r for arm in arms.values() for r in arm["results"]])
     report = {"args": vars(args), "results": results, "sweeps": sweeps, "summary": summary,
-              "wall_time_s": time.time() - started, "train_cpu_time_s": cpu_seconds}
+              "router_lr_arms": arms, "wall_time_s": time.time() - started, "train_cpu_time_s": cpu_seconds}
     write_json(out / "quality.json", report)
     images = write_plots(summary, out) if results else {}
     write_text_atomic(out / "quality.md", markdown(summary, sweeps, args, report["wall_time_s"], references,
-                                                   cpu_seconds, images))
+                                                   cpu_seconds, images, arms))
     print((out / "quality.md").read_text(encoding="utf-8"))
     return report
 

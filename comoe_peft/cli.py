@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--routing-eval-steps", type=int, nargs="+", default=[], metavar="STEP",
                        help="comoe / moe: after these steps, measure routing entropy and the JS divergence between "
                             "tasks on a few held-out examples per task (RUN/routing_history.json)")
+    train.add_argument("--router-lr-multiplier", type=float, default=1.0,
+                       help="comoe / moe: the routers learn at this times the learning rate (default 1)")
     train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 mixed precision (autocast; on a CPU worth it only with bf16 units: AVX512-BF16 or "
                             "AMX); default: on for GPUs that support it, off on CPUs")
@@ -96,7 +98,7 @@ def run_train(args: argparse.Namespace) -> None:
         max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
         learning_rate=args.learning_rate, max_train_per_task=args.max_train_per_task, test_size=args.test_size,
         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, save_steps=args.save_steps,
-        bf16=args.bf16, routing_eval_steps=args.routing_eval_steps,
+        bf16=args.bf16, routing_eval_steps=args.routing_eval_steps, router_lr_multiplier=args.router_lr_multiplier,
     )
     folder = train(options)
     print(f"run written to {folder}")

@@ -90,6 +90,7 @@ class TrainOptions:
     load_in_8bit: bool = False
     save_steps: int | None = None
     bf16: bool | None = None
+    router_lr_multiplier: float = 1.0
     routing_eval_steps: list[int] = field(default_factory=list)
     routing_probe_per_task: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +128,9 @@ class TrainOptions:
             raise RunError(f"--routing-eval-steps must be steps >= 1, got {self.routing_eval_steps}")
         if self.routing_eval_steps and self.method not in EXPERT_METHODS:
             raise RunError(f"--routing-eval-steps needs experts to route to; --method {self.method} has none")
+        if self.router_lr_multiplier <= 0 or (self.router_lr_multiplier != 1 and self.method not in EXPERT_METHODS):
+            raise RunError(f"--router-lr-multiplier must be positive and is for comoe / moe (routers); got "
+                           f"{self.router_lr_multiplier} with --method {self.method}")
         if self.routing_probe_per_task < 1:
             raise RunError(f"the routing probe needs at least 1 example per task, got {self.routing_probe_per_task}")
 
@@ -373,6 +377,7 @@ def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, 
     if options.method == "lora":
         return SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config)
+    settings["comoe_router_lr_multiplier"] = options.router_lr_multiplier
     return CoMoESFTTrainer(model=model, args=CoMoESFTConfig(**settings), train_dataset=dataset,
                            processing_class=tokenizer, peft_config=peft_config)
 

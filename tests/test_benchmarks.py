@@ -132,7 +132,7 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
     model_dir = tiny_model_folder(tmp_path / "tiny-model")
     quality = load_quality()
     report = quality.main(["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--max-steps", "2",
-                           "--lambdas", "0.1", "--routing-points", "2"])
+                           "--lambdas", "0.1", "--routing-points", "2", "--router-lr-multipliers", "10"])
     summary = report["summary"]
     assert set(summary["accuracy"]) == {"base", "comoe", "moe", "lora"}
     assert {r["method"] for r in report["results"]} == {"base", "comoe", "moe", "lora"}
@@ -156,7 +156,12 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
     # every finished run's small results are written beside the report, apart from the (git-ignored) run folders
     stored = json.loads((tmp_path / "q" / "results" / "comoe-s1.json").read_text())
     assert stored["accuracy"] == next(r for r in report["results"] if r["name"] == "comoe-s1")["accuracy"]
-    assert len(list((tmp_path / "q" / "results").glob("*.json"))) == 9
+    assert len(list((tmp_path / "q" / "results").glob("*.json"))) == 13
+    arm = report["router_lr_arms"]["10"]
+    assert sorted(r["name"] for r in arm["results"]) == ["comoe-rlr10-s0", "comoe-rlr10-s1", "moe-rlr10-s0",
+                                                          "moe-rlr10-s1"]
+    assert {r["options"]["router_lr_multiplier"] for r in arm["results"]} == {10.0}
+    assert arm["paired_comoe_minus_moe"]["overall"]["n"] == 2 and "routers at 10 x the learning rate" in text
     saved = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert set(saved) >= {"args", "results", "sweeps", "summary", "train_cpu_time_s"}
     assert saved["train_cpu_time_s"] > 0

@@ -128,6 +128,8 @@ def test_an_unfinished_run_is_only_resumed_with_the_same_options(tmp_path, capsy
     (["--method", "comoe", "--max-steps", "0"], "--max-steps must be at least 1"),
     (["--method", "comoe", "--save-steps", "0"], "--save-steps must be at least 1"),
     (["--method", "lora", "--routing-eval-steps", "2"], "has none"),
+    (["--method", "lora", "--router-lr-multiplier", "10"], "is for comoe / moe"),
+    (["--method", "moe", "--router-lr-multiplier", "0"], "must be positive"),
 ])
 def test_bad_step_options_are_one_line_exit_2_before_anything_is_written(tmp_path, capsys, tiny_model_dir,
                                                                           examples_file, extra, message):

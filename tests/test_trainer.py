@@ -161,6 +161,25 @@ def test_resume_from_checkpoint_gives_the_same_losses(tmp_path, tokenizer, datas
     assert card.count("import comoe_peft") == 1 and card.startswith("---")
 
 
+def test_router_lr_multiplier_gives_the_routers_their_own_param_groups(tmp_path, tokenizer, dataset):
+    trainer = CoMoESFTTrainer(model=base_model(tokenizer), args=sft_args(tmp_path, comoe_router_lr_multiplier=10.0,
+                                                                         max_steps=2, warmup_steps=1),
+                              train_dataset=dataset, processing_class=tokenizer, peft_config=comoe_config())
+    routers = {id(w) for m in trainer.model.modules() for w in getattr(m, "comoe_router", {}).values()}
+    assert routers
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    router_groups = [g for g in groups if g.get("comoe_router")]
+    others = [g for g in groups if not g.get("comoe_router") and g["params"]]
+    assert {id(p) for g in router_groups for p in g["params"]} == routers
+    assert not any(id(p) in routers for g in others for p in g["params"])
+    assert router_groups[0]["initial_lr"] == pytest.approx(10 * others[0]["initial_lr"])  # under the same schedule
+    assert router_groups[0]["lr"] == pytest.approx(10 * others[0]["lr"])
+    with pytest.raises(ValueError, match="comoe_router_lr_multiplier must be positive"):
+        CoMoESFTTrainer(model=base_model(tokenizer), args=sft_args(tmp_path, comoe_router_lr_multiplier=0.0),
+                        train_dataset=dataset, processing_class=tokenizer, peft_config=comoe_config())
+
+
 def test_reentrant_gradient_checkpointing_is_refused(tmp_path, tokenizer, dataset):
     args = sft_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="Reentrant gradient checkpointing.*use_reentrant': False"):
