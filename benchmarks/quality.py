@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comoe / moe: measure routing entropy and JS between tasks at this many evenly spaced "
                              "steps of training (0: none)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with AVX512-BF16 / AMX units)")
+    parser.add_argument("--padding-free", action="store_true", help="padding-free batches (TRL's padding_free)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: 2 synthetic tasks, 2 seeds, 4 steps")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the runs already trained and evaluated; skip (and list) the rest")
@@ -85,8 +86,9 @@ def routing_steps(args: argparse.Namespace) -> list[int]:
 def method_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """The step settings of one method's runs: none for base (it trains nothing)."""
     if method == "base":
-        return {"max_steps": 0, "save_steps": None, "routing_eval_steps": [], "bf16": None}
+        return {"max_steps": 0, "save_steps": None, "routing_eval_steps": [], "bf16": None, "padding_free": False}
     return {"max_steps": args.max_steps, "save_steps": args.save_steps, "bf16": True if args.bf16 else None,
+            "padding_free": args.padding_free,
             "routing_eval_steps": routing_steps(args) if method in EXPERT_METHODS else []}
 
 
@@ -96,7 +98,8 @@ def check_reused_run(args: argparse.Namespace, run_dir: Path, method: str, seed:
     steps = method_settings(args, method)
     wanted = {"method": method, "seed": seed, "tasks": args.tasks, "preset": args.preset, "model": args.model,
               "max_steps": steps["max_steps"], "test_size": args.test_size,
-              "max_train_per_task": args.max_train_per_task, "bf16": steps["bf16"]} | overrides
+              "max_train_per_task": args.max_train_per_task, "bf16": steps["bf16"],
+              "padding_free": steps["padding_free"] or None} | overrides
     differ = {k: (stored.get(k), v) for k, v in wanted.items() if v is not None and stored.get(k) != v}
     if differ:
         details = ", ".join(f"{k}: stored {a!r}, asked {b!r}" for k, (a, b) in differ.items())

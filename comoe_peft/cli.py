@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "tasks on a few held-out examples per task (RUN/routing_history.json)")
     train.add_argument("--router-lr-multiplier", type=float, default=1.0,
                        help="comoe / moe: the routers learn at this times the learning rate (default 1)")
+    train.add_argument("--padding-free", action="store_true",
+                       help="padding-free batches: each batch flattened into one row of its examples, no pad tokens "
+                            "(training examples are then not cut at --max-length)")
     train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 mixed precision (autocast; on a CPU worth it only with bf16 units: AVX512-BF16 or "
                             "AMX); default: on for GPUs that support it, off on CPUs")
@@ -99,6 +102,7 @@ def run_train(args: argparse.Namespace) -> None:
         learning_rate=args.learning_rate, max_train_per_task=args.max_train_per_task, test_size=args.test_size,
         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, save_steps=args.save_steps,
         bf16=args.bf16, routing_eval_steps=args.routing_eval_steps, router_lr_multiplier=args.router_lr_multiplier,
+        padding_free=args.padding_free,
     )
     folder = train(options)
     print(f"run written to {folder}")

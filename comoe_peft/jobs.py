@@ -91,6 +91,7 @@ class TrainOptions:
     save_steps: int | None = None
     bf16: bool | None = None
     router_lr_multiplier: float = 1.0
+    padding_free: bool = False
     routing_eval_steps: list[int] = field(default_factory=list)
     routing_probe_per_task: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
@@ -368,9 +369,12 @@ def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, 
         bf16=bf16,  # on a CPU: bf16 autocast (worth it on CPUs with bf16 units: AVX512-BF16, AMX)
         use_cpu=not on_gpu,
         gradient_checkpointing=False,
-        max_length=options.max_length,
+        # padding-free batches are not cut at max_length (TRL enforces it only by packing, which would change how
+        # many examples a step sees): the same examples per step as padded batches, none of them truncated
+        max_length=None if options.padding_free else options.max_length,
         seed=options.seed,
         dataloader_num_workers=0,
+        padding_free=options.padding_free,  # TRL flattens each batch into one row; no pad tokens are computed
     ) | options.extra
     dataset = to_sft_dataset(train_rows).remove_columns(["task"]).shuffle(seed=options.seed)
     peft_config = adapter_config(options, model)
