@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--learning-rate", type=float, help="overrides the preset (the pilot chooses it)")
+    parser.add_argument("--batch-size", type=int, help="overrides the preset")
     parser.add_argument("--test-size", type=int, default=400, help="held-out examples per task")
     parser.add_argument("--max-train-per-task", type=int)
     parser.add_argument("--lambdas", nargs="*", type=float, default=[], help="CoMoE lambda sweep (seed 0)")
@@ -99,6 +101,7 @@ def check_reused_run(args: argparse.Namespace, run_dir: Path, method: str, seed:
     wanted = {"method": method, "seed": seed, "tasks": args.tasks, "preset": args.preset, "model": args.model,
               "max_steps": steps["max_steps"], "test_size": args.test_size,
               "max_train_per_task": args.max_train_per_task, "bf16": steps["bf16"],
+              "learning_rate": args.learning_rate, "batch_size": args.batch_size,
               "padding_free": steps["padding_free"] or None} | overrides
     differ = {k: (stored.get(k), v) for k, v in wanted.items() if v is not None and stored.get(k) != v}
     if differ:
@@ -120,6 +123,7 @@ def run_one(args: argparse.Namespace, name: str, method: str, seed: int, **overr
         options = TrainOptions(output_dir=str(run_dir), method=method, tasks=args.tasks, model=args.model,
                                preset=args.preset, seed=seed, test_size=args.test_size,
                                max_train_per_task=args.max_train_per_task, overwrite=True,
+                               learning_rate=args.learning_rate, batch_size=args.batch_size,
                                **method_settings(args, method) | overrides)
         train(options)
     result = {"name": name, "method": method, "seed": seed, "overrides": overrides,
@@ -173,7 +177,23 @@ def summarise(results: list[dict[str, Any]], methods: list[str]) -> dict[str, An
     runtimes = {m: statistics.fmean(times) for m in table
                 if (times := [r["train_runtime_s"] for r in main if r["method"] == m and r["train_runtime_s"]])}
     return {"tasks": tasks, "accuracy": table, "paired_comoe_minus_moe": paired, "specialisation": specialisation,
-            "train_runtime_s": runtimes, "routing_over_training": routing_over_training(main)}
+            "train_runtime_s": runtimes, "routing_over_training": routing_over_training(main),
+            "pilot": pilot_check(table, tasks)}
+
+
+PILOT_MARGIN = 0.10  # the regime is one where LoRA beats the base model by this much on most tasks (issue #10)
+
+
+def pilot_check(table: dict[str, Any], tasks: list[str]) -> dict[str, Any] | None:
+    """Does LoRA learn here? LoRA - base mean accuracy per task, and whether it is >= `PILOT_MARGIN` on at least
+    3 tasks (all of them if fewer than 3); None without both methods."""
+    if "lora" not in table or "base" not in table:
+        return None
+    per_task = [t for t in tasks if t != "overall"]
+    gains = {t: table["lora"][t]["mean"] - table["base"][t]["mean"] for t in per_task}
+    passed = sum(g >= PILOT_MARGIN for g in gains.values())
+    return {"lora_minus_base": gains, "tasks_passed": passed, "margin": PILOT_MARGIN,
+            "learns": passed >= min(3, len(per_task))}
 
 
 def routing_over_training(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -227,6 +247,11 @@ def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argpar
     for method, metrics in summary["specialisation"].items():
         lines += ["", f"## Specialisation: {method} (mean over seeds)", "", "| metric | mean | std |", "|---|---|---|"]
         lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} |" for k, v in metrics.items()]
+    if summary.get("pilot"):
+        pilot = summary["pilot"]
+        gains = ", ".join(f"{t} {g:+.3f}" for t, g in pilot["lora_minus_base"].items())
+        lines += ["", f"Pilot criterion (LoRA ≥ base + {pilot['margin']:.2f} on ≥ 3 tasks): "
+                  f"{'met' if pilot['learns'] else 'not met'}, {pilot['tasks_passed']} tasks; LoRA − base: {gains}."]
     lines += routing_markdown(summary.get("routing_over_training", {}))
     for multiplier, arm in (arms or {}).items():
         lines += arm_markdown(multiplier, arm)
