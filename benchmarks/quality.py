@@ -30,7 +30,7 @@ from typing import Any
 
 from comoe_peft.files import write_text_atomic
 from comoe_peft.jobs import EXPERT_METHODS, PRESETS, TrainOptions, analyze_run, evaluate_run, train
-from comoe_peft.runs import ROUTING_HISTORY, RUN_CONFIG, write_json
+from comoe_peft.runs import ROUTING_HISTORY, RUN_CONFIG, RunError, write_json
 
 T_CRITICAL_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -125,7 +125,10 @@ def run_one(args: argparse.Namespace, name: str, method: str, seed: int, **overr
                                max_train_per_task=args.max_train_per_task, overwrite=True,
                                learning_rate=args.learning_rate, batch_size=args.batch_size,
                                **method_settings(args, method) | overrides)
-        train(options)
+        try:
+            train(options)  # resumes an unfinished run (OUT/runs/.NAME.partial/) from its last checkpoint
+        except RunError as error:
+            raise SystemExit(f"{name}: {error}") from None
     result = {"name": name, "method": method, "seed": seed, "overrides": overrides,
               "accuracy": evaluate_run(str(run_dir))}
     config = json.loads((run_dir / RUN_CONFIG).read_text())

@@ -165,11 +165,12 @@ def test_base_run_scores_the_untrained_model_on_the_same_split(tmp_path, capsys,
     assert "has no experts to analyse" in error_line(capsys)
 
 
-def test_padding_free_run_trains_and_records_the_setting(tmp_path, tiny_model_dir, examples_file):
-    run = tmp_path / "pf"
-    assert main(train_args(tiny_model_dir, examples_file, run, "--method", "moe", "--max-steps", "2",
-                           "--padding-free", "--routing-eval-steps", "2")) == 0
+@pytest.mark.parametrize("flag, option", [("--padding-free", "padding_free"), ("--bf16", "bf16")])
+def test_cheaper_settings_train_and_are_recorded(tmp_path, tiny_model_dir, examples_file, flag, option):
+    run = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, examples_file, run, "--method", "moe", "--max-steps", "2", flag,
+                           "--routing-eval-steps", "2")) == 0
     config = json.loads((run / "run_config.json").read_text())
-    assert config["options"]["padding_free"] is True and config["train_cpu_time_s"] > 0
+    assert config["options"][option] is True and config["train_cpu_time_s"] > 0
     assert all(math.isfinite(loss) for loss in losses(run).values())
     assert [e["step"] for e in json.loads((run / "routing_history.json").read_text())["history"]] == [2]
