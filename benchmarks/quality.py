@@ -233,8 +233,9 @@ def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argpar
              f"max steps {args.max_steps or 'preset'}; held-out {args.test_size} per task.",
              "", "Training time per run (trainer's train_runtime, seconds): " + ", ".join(
                  f"{m} {summary['train_runtime_s'][m]:.0f}" for m in summary["train_runtime_s"]) + "  ",
-             f"Total CPU time of training, all runs of this report (kept steps, all threads): {cpu_seconds / 3600:.2f} h."
-             " `base` is the zero-shot base model: no adapter, the same prompts, split and scorer.",
+             f"Total CPU time of training, all runs of this report (kept steps, all threads): "
+             f"{cpu_seconds / 3600:.2f} h. `base` is the zero-shot base model: no adapter, the same prompts, "
+             "split and scorer.",
              "", "## Accuracy (mean ± std over seeds)", "", "| task | " + " | ".join(methods) + " |",
              "|---|" + "---|" * len(methods)]
     for task in summary["tasks"]:

@@ -2,9 +2,9 @@
 
 `train` fine-tunes one method (`comoe`, `moe` = the same experts without the contrastive term, or `lora` = peft
 LoRA at a matched number of trainable parameters) on a task mixture, or, for `base`, writes a run folder with the
-same held-out split and no adapter, so that the zero-shot base model is scored like the others; `evaluate_run` scores a run on its
-held-out examples; `analyze_run` writes the expert-specialisation report. `PRESETS` holds the settings of
-`--preset quick` and `--preset default`.
+same held-out split and no adapter, so that the zero-shot base model is scored like the others; `evaluate_run`
+scores a run on its held-out examples; `analyze_run` writes the expert-specialisation report. `PRESETS` holds the
+settings of `--preset quick` and `--preset default`.
 """
 
 from __future__ import annotations
@@ -116,9 +116,13 @@ class TrainOptions:
     def check_steps(self) -> None:
         """Refuse step counts that cannot work: a base run with steps, a training run without, bad intervals."""
         if self.method == "base":
-            if self.max_steps or self.save_steps or self.routing_eval_steps:
-                raise RunError("--method base trains nothing (it scores the base model zero-shot); drop --max-steps, "
-                               "--save-steps and --routing-eval-steps")
+            training_only = {"--max-steps": self.max_steps, "--save-steps": self.save_steps,
+                             "--routing-eval-steps": self.routing_eval_steps, "--bf16": self.bf16,
+                             "--padding-free": self.padding_free,
+                             "--router-lr-multiplier": self.router_lr_multiplier != 1}
+            if given := [flag for flag, value in training_only.items() if value]:
+                raise RunError("--method base trains nothing (it scores the base model zero-shot); drop "
+                               + ", ".join(given))
             return
         if self.max_steps is not None and self.max_steps < 1:
             raise RunError(f"--max-steps must be at least 1 for --method {self.method}, got {self.max_steps} "

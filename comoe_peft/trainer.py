@@ -129,7 +129,9 @@ class CoMoETrainerMixin:
         self._comoe_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._refuse_reentrant_checkpointing()
         if getattr(self.args, "comoe_router_lr_multiplier", 1.0) <= 0:
-            raise ValueError(f"comoe_router_lr_multiplier must be positive, got {self.args.comoe_router_lr_multiplier}.")
+            raise ValueError(
+                f"comoe_router_lr_multiplier must be positive, got {self.args.comoe_router_lr_multiplier}."
+            )
         if getattr(self.args, "comoe_expert_load_history", True):
             self.add_callback(ExpertLoadHistoryCallback())
 
@@ -159,7 +161,8 @@ class CoMoETrainerMixin:
         optimizer = super().create_optimizer(model)
         multiplier = getattr(self.args, "comoe_router_lr_multiplier", 1.0)
         if multiplier != 1.0:
-            routers = {id(w) for m in self.comoe_model.model.modules() for w in getattr(m, "comoe_router", {}).values()}
+            routers = {id(weight) for module in self.comoe_model.model.modules()
+                       for weight in getattr(module, "comoe_router", {}).values()}
             split_router_groups(optimizer, routers, multiplier)
         return optimizer
 

@@ -152,7 +152,8 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
     assert "| moe-s0 | 0 | " in text and "| comoe-lambda0.1 | 0.1 | " in text, "the sweep table has its reference rows"
     pilot = summary["pilot"]
     assert set(pilot["lora_minus_base"]) == {"synthetic:arithmetic", "synthetic:parity"}
-    gain = summary["accuracy"]["lora"]["synthetic:parity"]["mean"] - summary["accuracy"]["base"]["synthetic:parity"]["mean"]
+    accuracy = summary["accuracy"]
+    gain = accuracy["lora"]["synthetic:parity"]["mean"] - accuracy["base"]["synthetic:parity"]["mean"]
     assert pilot["lora_minus_base"]["synthetic:parity"] == pytest.approx(gain)
     assert pilot["learns"] == (pilot["tasks_passed"] == 2) and "Pilot criterion" in text
     assert "Routing during training" in text and "| comoe | 2 | " in text and "Total CPU time" in text

@@ -189,7 +189,8 @@ def test_padding_free_batches_give_the_losses_of_padded_batches(tokenizer):
             ["hello world this is a longer text", "short one", "a sentence of medium length"]]
     losses = {}
     for padding_free in (False, True):
-        batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id or 0, padding_free=padding_free)(rows)
+        collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id or 0, padding_free=padding_free)
+        batch = collator(rows)
         assert ("attention_mask" in batch) != padding_free
         with torch.no_grad(), model.base_model.recording():
             losses[padding_free] = {"task": model(**batch).loss.item()} | {
