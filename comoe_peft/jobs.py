@@ -295,6 +295,11 @@ def train_into(options: TrainOptions, staging: Path, splits) -> None:
 
     quantization = quantization_kwargs(options.load_in_4bit, options.load_in_8bit)
     model_path, model, tokenizer = load_base_model(options.model, options.cache_dir, quantization)
+    if options.padding_free:
+        # without a KV cache transformers reads the examples' boundaries in a padding-free row from position_ids;
+        # with one (the config's default, also in training) they would attend to each other. TRL's trainer turns
+        # the cache off today as well; this does not depend on it.
+        model.config.use_cache = False
     trainer = build_trainer(options, model, tokenizer, splits["train"], staging / TRAINER_DIR)
     cpu_time = CPUTimeCallback()
     trainer.add_callback(cpu_time)

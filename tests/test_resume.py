@@ -166,11 +166,16 @@ def test_base_run_scores_the_untrained_model_on_the_same_split(tmp_path, capsys,
 
 
 @pytest.mark.parametrize("flag, option", [("--padding-free", "padding_free"), ("--bf16", "bf16")])
-def test_cheaper_settings_train_and_are_recorded(tmp_path, tiny_model_dir, examples_file, flag, option):
+def test_cheaper_settings_train_and_are_recorded(tmp_path, monkeypatch, tiny_model_dir, examples_file, flag, option):
+    built = []
+    build = jobs.build_trainer
+    monkeypatch.setattr(jobs, "build_trainer", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
     run = tmp_path / "run"
     assert main(train_args(tiny_model_dir, examples_file, run, "--method", "moe", "--max-steps", "2", flag,
                            "--routing-eval-steps", "2")) == 0
     config = json.loads((run / "run_config.json").read_text())
     assert config["options"][option] is True and config["train_cpu_time_s"] > 0
+    # padding-free rows keep their examples apart only without a KV cache (tests/test_trainer.py)
+    assert built[0].model.config.use_cache is False
     assert all(math.isfinite(loss) for loss in losses(run).values())
     assert [e["step"] for e in json.loads((run / "routing_history.json").read_text())["history"]] == [2]
