@@ -13,7 +13,6 @@ adapter, no data) are written at once to `OUT/results/NAME.json`, which can be c
 (`OUT/runs/`) stay out of git.
 
     python benchmarks/quality.py --seeds 0 1 2 --test-size 400 --max-steps 600 --lambdas 0.001 0.1 1.0 --num-experts-sweep 8
-    python benchmarks/quality.py --quick --report-only   # the report from the finished runs alone
     python benchmarks/quality.py --quick        # a smoke run on two synthetic tasks (CI)
 """
 
