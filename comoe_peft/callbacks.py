@@ -1,9 +1,11 @@
-"""`ExpertLoadHistoryCallback`: per-layer expert-load histories of a training run, saved as JSON beside checkpoints."""
+"""Callbacks: `ExpertLoadHistoryCallback` (per-layer expert-load histories of a training run, saved as JSON beside
+checkpoints) and `CPUTimeCallback` (the CPU time of a run, across resumes)."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import torch
@@ -77,3 +79,35 @@ class ExpertLoadHistoryCallback(TrainerCallback):
             num_experts = sizes.pop() if len(sizes) == 1 else None  # None: N differs by layer
         payload = {"num_experts": num_experts, "history": self.history}
         write_json_atomic(path, payload)
+
+
+CPU_TIME_FILENAME = "cpu_time.json"
+
+
+class CPUTimeCallback(TrainerCallback):
+    """Counts the process CPU time (all threads, seconds) spent in training, across stops and resumes.
+
+    Each checkpoint gets `cpu_time.json` with the total up to that step; a resumed run starts from the total of its
+    checkpoint, so `total()` at the end is the CPU time of the steps that were kept (work lost after the last
+    checkpoint of a stopped run is not counted).
+    """
+
+    def __init__(self) -> None:
+        self.before = 0.0  # CPU seconds of earlier starts, read back from the checkpoint
+        self.started = time.process_time()
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.started = time.process_time()
+        saved = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", CPU_TIME_FILENAME)
+        if state.global_step > 0 and os.path.isfile(saved):
+            with open(saved, encoding="utf-8") as handle:
+                self.before = json.load(handle)["train_cpu_time_s"]
+
+    def total(self) -> float:
+        """CPU seconds of training so far, earlier starts included."""
+        return self.before + time.process_time() - self.started
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            write_json_atomic(os.path.join(folder, CPU_TIME_FILENAME), {"train_cpu_time_s": self.total()})

@@ -2,6 +2,8 @@
 
 ```text
 comoe-peft train [--method M] [--tasks T] [--model P] [--dataset D] [--preset quick] [--seed S] --output-dir RUN
+comoe-peft train --save-steps 50 ... --output-dir RUN    # checkpoints; the same command again resumes a stopped run
+comoe-peft train --method base ... --output-dir RUN      # the zero-shot base model: the split, no adapter
 comoe-peft eval RUN [RUN ...]
 comoe-peft analyze RUN
 ```
@@ -31,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="multi-task fine-tuning of one method into a run folder")
     train.add_argument("--output-dir", required=True, help="run folder to create")
     train.add_argument("--method", choices=METHODS, default="comoe",
-                       help="comoe (default), moe = the same experts without the contrastive term, or lora = "
-                            "peft LoRA with as many trainable parameters")
+                       help="comoe (default), moe = the same experts without the contrastive term, lora = "
+                            "peft LoRA with as many trainable parameters, or base = no adapter and no training (the "
+                            "zero-shot base model, scored by eval on the same held-out split)")
     train.add_argument("--tasks", default="default",
                        help="comma-separated tasks, e.g. bigbench:navigate,synthetic:arithmetic,benchmark:arc-e "
                             "('default' = the built-in mixture; benchmark:* reads the paper's benchmarks from the "
@@ -56,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="QLoRA: load the base model in 4-bit nf4 with bitsandbytes (pip install bitsandbytes)")
     train.add_argument("--load-in-8bit", action="store_true",
                        help="load the base model in 8-bit (LLM.int8()) with bitsandbytes")
+    train.add_argument("--save-steps", type=int,
+                       help="checkpoint every N steps (in .RUN.partial/ beside the run folder); started again with "
+                            "the same options after a stop, the run resumes from its last checkpoint")
+    train.add_argument("--routing-eval-steps", type=int, nargs="+", default=[], metavar="STEP",
+                       help="comoe / moe: after these steps, measure routing entropy and the JS divergence between "
+                            "tasks on a few held-out examples per task (RUN/routing_history.json)")
+    train.add_argument("--router-lr-multiplier", type=float, default=1.0,
+                       help="comoe / moe: the routers learn at this times the learning rate (default 1)")
+    train.add_argument("--padding-free", action="store_true",
+                       help="padding-free batches: each batch flattened into one row of its examples, no pad tokens "
+                            "(training examples are then not cut at --max-length)")
+    train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 mixed precision (autocast; on a CPU worth it only with bf16 units: AVX512-BF16 or "
+                            "AMX); default: on for GPUs that support it, off on CPUs")
     for name, kind in [("max-steps", int), ("batch-size", int), ("max-length", int), ("learning-rate", float),
                        ("max-train-per-task", int), ("test-size", int)]:
         train.add_argument(f"--{name}", type=kind, help="overrides the preset")
@@ -83,7 +100,9 @@ def run_train(args: argparse.Namespace) -> None:
         contrastive_loss_coef=args.contrastive_loss_coef, contrastive_temperature=args.contrastive_temperature,
         max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
         learning_rate=args.learning_rate, max_train_per_task=args.max_train_per_task, test_size=args.test_size,
-        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, save_steps=args.save_steps,
+        bf16=args.bf16, routing_eval_steps=args.routing_eval_steps, router_lr_multiplier=args.router_lr_multiplier,
+        padding_free=args.padding_free,
     )
     folder = train(options)
     print(f"run written to {folder}")

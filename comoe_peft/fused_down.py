@@ -63,6 +63,21 @@ class RoutedDownProjection(torch.autograd.Function):
         num_experts: int,
         top_k: int,
     ) -> tuple[torch.Tensor, ...]:
+        # The dtypes are chosen here, as documented above; an enclosing autocast (bf16 mixed precision) would cast
+        # the GEMMs to bf16 in the forward only, since backward runs outside it, and break the backward's GEMMs.
+        with torch.autocast(device_type=expert_input.device.type, enabled=False):
+            return RoutedDownProjection._forward(ctx, expert_input, router_input, down, router, num_experts, top_k)
+
+    @staticmethod
+    def _forward(
+        ctx: Any,
+        expert_input: torch.Tensor,
+        router_input: torch.Tensor | None,
+        down: torch.Tensor,
+        router: torch.Tensor,
+        num_experts: int,
+        top_k: int,
+    ) -> tuple[torch.Tensor, ...]:
         num_tokens, rank_total = expert_input.shape[0], down.shape[0]
         rank = rank_total // num_experts
         logit_dtype = router_dtype(down.dtype)

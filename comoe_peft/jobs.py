@@ -1,9 +1,10 @@
 """The main job behind the `comoe-peft` command: multi-task fine-tuning, evaluation and specialisation analysis.
 
 `train` fine-tunes one method (`comoe`, `moe` = the same experts without the contrastive term, or `lora` = peft
-LoRA at a matched number of trainable parameters) on a task mixture; `evaluate_run` scores a run on its
-held-out examples; `analyze_run` writes the expert-specialisation report. `PRESETS` holds the settings of
-`--preset quick` and `--preset default`.
+LoRA at a matched number of trainable parameters) on a task mixture, or, for `base`, writes a run folder with the
+same held-out split and no adapter, so that the zero-shot base model is scored like the others; `evaluate_run`
+scores a run on its held-out examples; `analyze_run` writes the expert-specialisation report. `PRESETS` holds the
+settings of `--preset quick` and `--preset default`.
 """
 
 from __future__ import annotations
@@ -30,17 +31,22 @@ from .runs import (
     ANALYSIS_DIR,
     EVAL_RESULTS,
     LOG_HISTORY,
+    ROUTING_HISTORY,
     RUN_CONFIG,
     TEST_DATA_DIR,
     TRAINER_DIR,
     RunError,
     finish_run,
+    last_checkpoint,
     open_run,
+    start_resumable_run,
     start_run,
     write_json,
 )
 
-METHODS = ("comoe", "moe", "lora")
+METHODS = ("comoe", "moe", "lora", "base")
+EXPERT_METHODS = ("comoe", "moe")
+SAVE_TOTAL_LIMIT = 2  # the newest checkpoint, and the one before in case the newest was cut short
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 logger = logging.getLogger(__name__)
 
@@ -82,6 +88,12 @@ class TrainOptions:
     analysis_examples_per_task: int | None = None
     load_in_4bit: bool = False
     load_in_8bit: bool = False
+    save_steps: int | None = None
+    bf16: bool | None = None
+    router_lr_multiplier: float = 1.0
+    padding_free: bool = False
+    routing_eval_steps: list[int] = field(default_factory=list)
+    routing_probe_per_task: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainOptions:
@@ -91,11 +103,41 @@ class TrainOptions:
         if self.preset not in PRESETS:
             raise RunError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         check_quantization(self.load_in_4bit, self.load_in_8bit)
+        self.check_steps()
         values = {k: v for k, v in dataclasses.asdict(self).items()}
         for name, value in PRESETS[self.preset].items():
             if values[name] is None:
                 values[name] = value
+        if self.method == "base":
+            values["max_steps"] = 0  # trains nothing
+        values["routing_eval_steps"] = sorted(set(self.routing_eval_steps))
         return TrainOptions(**values)
+
+    def check_steps(self) -> None:
+        """Refuse step counts that cannot work: a base run with steps, a training run without, bad intervals."""
+        if self.method == "base":
+            training_only = {"--max-steps": self.max_steps, "--save-steps": self.save_steps,
+                             "--routing-eval-steps": self.routing_eval_steps, "--bf16": self.bf16,
+                             "--padding-free": self.padding_free,
+                             "--router-lr-multiplier": self.router_lr_multiplier != 1}
+            if given := [flag for flag, value in training_only.items() if value]:
+                raise RunError("--method base trains nothing (it scores the base model zero-shot); drop "
+                               + ", ".join(given))
+            return
+        if self.max_steps is not None and self.max_steps < 1:
+            raise RunError(f"--max-steps must be at least 1 for --method {self.method}, got {self.max_steps} "
+                           "(use --method base for the untrained base model)")
+        if self.save_steps is not None and self.save_steps < 1:
+            raise RunError(f"--save-steps must be at least 1, got {self.save_steps}")
+        if any(s < 1 for s in self.routing_eval_steps):
+            raise RunError(f"--routing-eval-steps must be steps >= 1, got {self.routing_eval_steps}")
+        if self.routing_eval_steps and self.method not in EXPERT_METHODS:
+            raise RunError(f"--routing-eval-steps needs experts to route to; --method {self.method} has none")
+        if self.router_lr_multiplier <= 0 or (self.router_lr_multiplier != 1 and self.method not in EXPERT_METHODS):
+            raise RunError(f"--router-lr-multiplier must be positive and is for comoe / moe (routers); got "
+                           f"{self.router_lr_multiplier} with --method {self.method}")
+        if self.routing_probe_per_task < 1:
+            raise RunError(f"the routing probe needs at least 1 example per task, got {self.routing_probe_per_task}")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -215,31 +257,102 @@ def matched_lora_rank(model: torch.nn.Module, num_experts: int, rank: int) -> in
 
 
 def train(options: TrainOptions) -> Path:
-    """Fine-tune one method on the mixture and write a run folder; returns its path."""
+    """Fine-tune one method on the mixture and write a run folder; returns its path.
+
+    With `save_steps` the run checkpoints every `save_steps` steps in `.RUN.partial/` and, started again with the
+    same options after a stop, resumes from its last checkpoint (`comoe_peft.runs.start_resumable_run`).
+    """
     options = options.resolved()
-    staging = start_run(options.output_dir, options.overwrite)
+    resumable = options.save_steps is not None
+    if resumable:
+        staging = start_resumable_run(options.output_dir, options.overwrite, dataclasses.asdict(options))
+    else:
+        staging = start_run(options.output_dir, options.overwrite)
     try:
         mixture = load_mixture(options)  # data errors first: they are cheaper to find than a model load
         try:
             splits = train_test_split_per_task(mixture, options.test_size, options.seed, options.max_train_per_task)
         except ValueError as error:
             raise RunError(str(error)) from None
-        quantization = quantization_kwargs(options.load_in_4bit, options.load_in_8bit)
-        model_path, model, tokenizer = load_base_model(options.model, options.cache_dir, quantization)
-        trainer = build_trainer(options, model, tokenizer, splits["train"], staging / TRAINER_DIR)
-        trainer.train()
-        trainer.model.save_pretrained(staging / ADAPTER_DIR)
-        if options.method != "lora":
-            write_loading_note(str(staging / ADAPTER_DIR))
-        splits["test"].save_to_disk(str(staging / TEST_DATA_DIR))
-        write_json(staging / LOG_HISTORY, trainer.state.log_history)
-        write_json(staging / RUN_CONFIG, run_record(options, model_path, splits, trainer))
+        if options.method == "base":
+            write_base_run(options, staging, splits)
+        else:
+            train_into(options, staging, splits)
         return finish_run(staging, options.output_dir)
     except BaseException:
         import shutil
 
-        shutil.rmtree(staging, ignore_errors=True)
+        if not (resumable and last_checkpoint(staging)):  # a checkpointed run keeps its partial folder
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def train_into(options: TrainOptions, staging: Path, splits) -> None:
+    """Train `options.method` (resuming from the last checkpoint in `staging`, if any) and write the run files."""
+    import shutil
+
+    from .callbacks import CPUTimeCallback
+
+    quantization = quantization_kwargs(options.load_in_4bit, options.load_in_8bit)
+    model_path, model, tokenizer = load_base_model(options.model, options.cache_dir, quantization)
+    if options.padding_free:
+        # without a KV cache transformers reads the examples' boundaries in a padding-free row from position_ids;
+        # with one (the config's default, also in training) they would attend to each other. TRL's trainer turns
+        # the cache off today as well; this does not depend on it.
+        model.config.use_cache = False
+    trainer = build_trainer(options, model, tokenizer, splits["train"], staging / TRAINER_DIR)
+    cpu_time = CPUTimeCallback()
+    trainer.add_callback(cpu_time)
+    probe = add_routing_history(trainer, options, tokenizer, splits["test"])
+    resume_from = last_checkpoint(staging)
+    if resume_from:
+        logger.warning("resuming %s from %s", options.output_dir, resume_from)
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.model.save_pretrained(staging / ADAPTER_DIR)
+    if options.method != "lora":
+        write_loading_note(str(staging / ADAPTER_DIR))
+    splits["test"].save_to_disk(str(staging / TEST_DATA_DIR))
+    if probe is not None:
+        probe.write(staging / ROUTING_HISTORY)
+    write_json(staging / LOG_HISTORY, trainer.state.log_history)
+    record = run_record(options, model_path, splits, trainer)
+    record["resumed_from_step"] = int(resume_from.rsplit("-", 1)[1]) if resume_from else None
+    record["train_cpu_time_s"] = cpu_time.total()
+    write_json(staging / RUN_CONFIG, record)
+    for checkpoint in (staging / TRAINER_DIR).glob("checkpoint-*"):  # finished: the adapter is all that is needed
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def add_routing_history(trainer, options: TrainOptions, tokenizer, test_rows: Dataset):
+    """Add a `RoutingHistoryCallback` on the first `routing_probe_per_task` held-out examples of each task (the
+    probe is fixed by the split); None when no `routing_eval_steps` are asked for."""
+    if not options.routing_eval_steps:
+        return None
+    from .routing_history import RoutingHistoryCallback
+
+    tasks = test_rows["task"]
+    keep, seen = [], {}
+    for index, task in enumerate(tasks):
+        if seen.get(task, 0) < options.routing_probe_per_task:
+            keep.append(index)
+            seen[task] = seen.get(task, 0) + 1
+    callback = RoutingHistoryCallback(test_rows.select(keep), tokenizer, options.routing_eval_steps,
+                                      options.max_length, options.seed)
+    trainer.add_callback(callback)
+    return callback
+
+
+def write_base_run(options: TrainOptions, staging: Path, splits) -> None:
+    """The run folder of `--method base`: the held-out split and the resolved model, no adapter, no training."""
+    from .pretrained import resolve_model_path
+
+    try:
+        model_path = resolve_model_path(options.model, options.cache_dir)
+    except (ValueError, OSError) as error:
+        raise RunError(str(error)) from None
+    splits["test"].save_to_disk(str(staging / TEST_DATA_DIR))
+    record = run_record(options, model_path, splits, trainer=None)
+    write_json(staging / RUN_CONFIG, record)
 
 
 def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, output_dir: Path):
@@ -249,6 +362,7 @@ def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, 
     from .trainer import CoMoESFTConfig, CoMoESFTTrainer
 
     on_gpu = torch.cuda.is_available()
+    bf16 = options.bf16 if options.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
     settings = dict(
         output_dir=str(output_dir),
         max_steps=options.max_steps,
@@ -257,32 +371,38 @@ def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, 
         lr_scheduler_type="cosine",
         warmup_steps=max(1, options.max_steps // 20),
         logging_steps=max(1, options.max_steps // 30),
-        save_strategy="no",
+        save_strategy="steps" if options.save_steps else "no",
+        save_steps=options.save_steps or 500,
+        save_total_limit=SAVE_TOTAL_LIMIT,
         report_to="none",
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        bf16=bf16,  # on a CPU: bf16 autocast (worth it on CPUs with bf16 units: AVX512-BF16, AMX)
         use_cpu=not on_gpu,
         gradient_checkpointing=False,
-        max_length=options.max_length,
+        # padding-free batches are not cut at max_length (TRL enforces it only by packing, which would change how
+        # many examples a step sees): the same examples per step as padded batches, none of them truncated
+        max_length=None if options.padding_free else options.max_length,
         seed=options.seed,
         dataloader_num_workers=0,
-        **options.extra,
-    )
+        padding_free=options.padding_free,  # TRL flattens each batch into one row; no pad tokens are computed
+    ) | options.extra
     dataset = to_sft_dataset(train_rows).remove_columns(["task"]).shuffle(seed=options.seed)
     peft_config = adapter_config(options, model)
     if options.method == "lora":
         return SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config)
+    settings["comoe_router_lr_multiplier"] = options.router_lr_multiplier
     return CoMoESFTTrainer(model=model, args=CoMoESFTConfig(**settings), train_dataset=dataset,
                            processing_class=tokenizer, peft_config=peft_config)
 
 
 def run_record(options: TrainOptions, model_path: str, splits, trainer) -> dict[str, Any]:
-    """What `run_config.json` stores: options, resolved model, data sizes, trainable parameters, versions."""
+    """What `run_config.json` stores: options, resolved model, data sizes, trainable parameters, versions
+    (`trainer` None: a base run, nothing trained)."""
     import peft
     import transformers
     import trl
 
-    trainable, total = trainer.model.get_nb_trainable_parameters()
+    trainable, total = trainer.model.get_nb_trainable_parameters() if trainer is not None else (0, None)
     tasks = sorted(set(splits["test"]["task"]))
     return {
         "options": dataclasses.asdict(options),
@@ -293,8 +413,8 @@ def run_record(options: TrainOptions, model_path: str, splits, trainer) -> dict[
         "test_examples": len(splits["test"]),
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "adapter_type": type(trainer.model.peft_config["default"]).__name__,
-        "train_runtime_s": trainer.state.log_history[-1].get("train_runtime"),
+        "adapter_type": type(trainer.model.peft_config["default"]).__name__ if trainer is not None else None,
+        "train_runtime_s": trainer.state.log_history[-1].get("train_runtime") if trainer is not None else 0.0,
         "versions": {"comoe_peft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "trl": trl.__version__, "python": platform.python_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -305,7 +425,8 @@ def run_record(options: TrainOptions, model_path: str, splits, trainer) -> dict[
 
 
 def load_run_model(run_dir: Path, config: dict[str, Any]):
-    """The base model with the run's adapter loaded (eval mode), and the tokenizer."""
+    """The base model with the run's adapter loaded (eval mode; a base run: the base model alone), and the
+    tokenizer."""
     from peft import PeftModel
 
     import comoe_peft  # noqa: F401  (the COMOE type must be registered before loading)
@@ -313,6 +434,8 @@ def load_run_model(run_dir: Path, config: dict[str, Any]):
     options = config.get("options", {})
     quantization = quantization_kwargs(options.get("load_in_4bit", False), options.get("load_in_8bit", False))
     _, model, tokenizer = load_base_model(config["model_path"], quantization=quantization)  # the base it trained on
+    if config["method"] == "base":
+        return model.eval(), tokenizer
     model = PeftModel.from_pretrained(model, str(run_dir / ADAPTER_DIR))
     return model.eval(), tokenizer
 
@@ -338,7 +461,7 @@ def analyze_run(run_dir: str, overwrite: bool = False, max_examples_per_task: in
     from .analysis import analyze_model, write_report
 
     folder, config = open_run(run_dir)
-    if config["method"] not in ("comoe", "moe"):
+    if config["method"] not in EXPERT_METHODS:
         raise RunError(
             f"'{folder}' was trained with --method {config['method']}, which has no experts to analyse; "
             "analyze a run trained with --method comoe or --method moe"
@@ -357,6 +480,7 @@ def analyze_run(run_dir: str, overwrite: bool = False, max_examples_per_task: in
 
 
 __all__ = [
+    "EXPERT_METHODS",
     "METHODS",
     "PRESETS",
     "RUN_CONFIG",

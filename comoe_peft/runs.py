@@ -5,12 +5,17 @@ A run folder holds what one `comoe-peft train` produced and what `eval` and `ana
 | path in `RUN/` | content |
 |---|---|
 | `run_config.json` | the options used, the resolved model, library versions (`RUN_CONFIG`) |
-| `adapter/` | the trained adapter, peft `save_pretrained` (`ADAPTER_DIR`) |
+| `adapter/` | the trained adapter, peft `save_pretrained` (`ADAPTER_DIR`; none for `--method base`) |
 | `data/test/` | the held-out examples, datasets `save_to_disk` (`TEST_DATA_DIR`) |
 | `trainer/` | TRL's output folder: logs, expert-load history (`TRAINER_DIR`) |
 | `log_history.json` | the trainer's log history (`LOG_HISTORY`) |
 | `eval_results.json` | written by `comoe-peft eval` (`EVAL_RESULTS`) |
 | `analysis/` | written by `comoe-peft analyze` (`ANALYSIS_DIR`) |
+| `routing_history.json` | routing entropy and JS between tasks during training (`ROUTING_HISTORY`, comoe / moe) |
+
+A run trained with checkpoints (`--save-steps`) is built in `.RUN.partial/` beside `RUN` instead of a temporary
+folder: it holds the options it was started with and TRL's checkpoints, survives a stop, and the same command
+started again resumes from its last checkpoint (`start_resumable_run`).
 """
 
 from __future__ import annotations
@@ -31,18 +36,18 @@ TRAINER_DIR = "trainer"
 LOG_HISTORY = "log_history.json"
 EVAL_RESULTS = "eval_results.json"
 ANALYSIS_DIR = "analysis"
+ROUTING_HISTORY = "routing_history.json"
+PARTIAL_OPTIONS = "train_options.json"
+# options that may differ between the first start of a run and its resumption
+RESUME_IGNORED = ("output_dir", "overwrite")
 
 
 class RunError(Exception):
     """A problem with the user's input (command-line arguments, files, folders) that the CLI reports in one line."""
 
 
-def start_run(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Check that `output_dir` may be written and return a fresh staging folder beside it.
-
-    The run is built in the staging folder and moved into place by `finish_run`, so a failed or interrupted run
-    never leaves a half-written folder, and an existing run is only replaced at the very end (with `overwrite`).
-    """
+def check_target(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """The resolved `output_dir`, or a `RunError` if it is a file or an existing run not to be overwritten."""
     target = Path(output_dir).expanduser().resolve()
     if target.exists() and not target.is_dir():
         raise RunError(f"output folder '{target}' exists and is a file; choose another --output-dir")
@@ -51,6 +56,16 @@ def start_run(output_dir: str | os.PathLike, overwrite: bool) -> Path:
             f"output folder '{target}' already holds files; choose another --output-dir, or pass --overwrite to "
             "replace it (the old run is kept until the new one has finished)"
         )
+    return target
+
+
+def start_run(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Check that `output_dir` may be written and return a fresh staging folder beside it.
+
+    The run is built in the staging folder and moved into place by `finish_run`, so a failed or interrupted run
+    never leaves a half-written folder, and an existing run is only replaced at the very end (with `overwrite`).
+    """
+    target = check_target(output_dir, overwrite)
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +74,53 @@ def start_run(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     except OSError as error:
         raise RunError(f"cannot write the output folder '{target}': {error.strerror or error}") from None
     return staging
+
+
+def partial_dir(output_dir: str | os.PathLike) -> Path:
+    """Where a checkpointed run is built until it finishes: `.NAME.partial/` beside the run folder `NAME`."""
+    target = Path(output_dir).expanduser().resolve()
+    return target.with_name(f".{target.name}.partial")
+
+
+def start_resumable_run(output_dir: str | os.PathLike, overwrite: bool, options: dict[str, Any]) -> Path:
+    """The staging folder of a checkpointed run: a new `partial_dir`, or the one an earlier start left behind.
+
+    An existing partial folder is only taken over when it was started with the same `options` (all but
+    `RESUME_IGNORED`); otherwise a `RunError` names the differences and nothing is touched.
+    """
+    check_target(output_dir, overwrite)
+    staging = partial_dir(output_dir)
+    saved = staging / PARTIAL_OPTIONS
+    wanted = {k: v for k, v in options.items() if k not in RESUME_IGNORED}
+    if saved.is_file():
+        stored = {k: v for k, v in json.loads(saved.read_text(encoding="utf-8")).items() if k not in RESUME_IGNORED}
+        differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+        if differ:
+            details = ", ".join(f"{k}: stored {stored.get(k)!r}, asked {wanted.get(k)!r}" for k in differ)
+            raise RunError(f"'{staging}' holds an unfinished run started with other settings ({details}); start it "
+                           "with the same options to resume it, or delete that folder to start again")
+        return staging
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        default_permissions(staging, directory=True)
+        write_json(saved, options)
+    except OSError as error:
+        raise RunError(f"cannot write the output folder '{staging.parent}': {error.strerror or error}") from None
+    return staging
+
+
+def last_checkpoint(staging: Path) -> str | None:
+    """The newest complete `checkpoint-STEP` folder of TRL's output folder in `staging`, or None.
+
+    A checkpoint counts once its `trainer_state.json` is there (the trainer writes it last), so one cut short
+    by a kill while saving is passed over for the one before.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = staging / TRAINER_DIR
+    steps = [int(p.name.rsplit("-", 1)[1]) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(folder / f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}") if steps else None
 
 
 def finish_run(staging: Path, output_dir: str | os.PathLike) -> Path:
@@ -83,7 +145,7 @@ def open_run(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if not config_path.is_file():
         raise RunError(f"'{folder}' is not a comoe-peft run folder (no {RUN_CONFIG}); pass the --output-dir of a train")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
+    if config.get("method") != "base" and not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
         raise RunError(f"run folder '{folder}' has no trained adapter in '{ADAPTER_DIR}/'; the training did not finish")
     return folder, config
 

@@ -43,6 +43,11 @@ class CoMoEArgumentsMixin:
     comoe_expert_load_history: bool = field(
         default=True, metadata={"help": "Keep per-layer expert-load histories and save them next to checkpoints."}
     )
+    comoe_router_lr_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "The routers learn at learning_rate times this (their own optimizer parameter group, "
+                          "under the same schedule); 1 trains them like the experts."},
+    )
 
 
 @dataclass
@@ -87,6 +92,20 @@ def keep_routers_float32(comoe_model: CoMoEModel) -> int:
     return cast
 
 
+def split_router_groups(optimizer: torch.optim.Optimizer, router_ids: set[int], multiplier: float) -> None:
+    """Move the parameters in `router_ids` out of each param group into a copy of it with `lr * multiplier`
+    (marked `comoe_router`); does nothing to an optimizer already split. Call it before the first step."""
+    if any(group.get("comoe_router") for group in optimizer.param_groups):
+        return
+    for group in list(optimizer.param_groups):
+        routers = [p for p in group["params"] if id(p) in router_ids]
+        if not routers:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in router_ids]
+        extra = {k: v for k, v in group.items() if k != "params"}
+        optimizer.add_param_group(extra | {"params": routers, "lr": group["lr"] * multiplier, "comoe_router": True})
+
+
 class CoMoETrainerMixin:
     """Adds the CoMoE auxiliary losses and `comoe/*` metrics to a `transformers.Trainer` subclass.
 
@@ -109,6 +128,10 @@ class CoMoETrainerMixin:
         keep_routers_float32(self.comoe_model)
         self._comoe_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._refuse_reentrant_checkpointing()
+        if getattr(self.args, "comoe_router_lr_multiplier", 1.0) <= 0:
+            raise ValueError(
+                f"comoe_router_lr_multiplier must be positive, got {self.args.comoe_router_lr_multiplier}."
+            )
         if getattr(self.args, "comoe_expert_load_history", True):
             self.add_callback(ExpertLoadHistoryCallback())
 
@@ -131,6 +154,17 @@ class CoMoETrainerMixin:
                 "silently stop training the experts. Use {'use_reentrant': False} (the default), or turn "
                 "gradient_checkpointing off."
             )
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The base trainer's optimizer, with the routers moved into groups of their own at
+        `comoe_router_lr_multiplier` times the learning rate (when it is not 1)."""
+        optimizer = super().create_optimizer(model)
+        multiplier = getattr(self.args, "comoe_router_lr_multiplier", 1.0)
+        if multiplier != 1.0:
+            routers = {id(weight) for module in self.comoe_model.model.modules()
+                       for weight in getattr(module, "comoe_router", {}).values()}
+            split_router_groups(optimizer, routers, multiplier)
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The task loss of the base trainer plus the weighted CoMoE auxiliary losses of the same forward pass."""

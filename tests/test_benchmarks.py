@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def test_layer_speed_reports_every_arm_and_checks_correctness(tmp_path):
 def test_layer_speed_pow2_loss_and_fp32_adapters_on_bf16(tmp_path):
     argv = ["--shapes", "32x40", "--tokens", "128", "--experts", "8", "--dtypes", "bf16_fp32adapters"]
     report = layer_speed.main(argv + ["--rounds", "1", "--reps", "1", "--min-time", "0", "--loss", "pow2"])
-    (result,) = report["results"]
+    result = next(r for r in report["results"] if r["name"] == "comoe-s0")
     assert result["correctness"]["passed"] is True
     assert result["num_negatives_sampled"] == 2
     assert all(finite_positive(v["ratio_to_lora_kr"]) for v in result["arms"].values())
@@ -81,7 +82,7 @@ def test_train_step_reports_every_arm(tmp_path):
     train_step.main(argv)
 
     report = json.loads(out.read_text())
-    (result,) = report["results"]
+    result = next(r for r in report["results"] if r["name"] == "comoe-s0")
     assert result["model"] == "tiny"
     assert set(result["arms"]) == set(train_step.ARMS) | set(train_step.PROTOTYPE_ARMS)
     for arm, values in result["arms"].items():
@@ -104,38 +105,77 @@ def test_prototype_layer_equals_current_layer_and_passes_gradcheck():
 def test_prototype_benchmark_runs(dtype):
     argv = ["--shapes", "32x24", "--tokens", "128", "--experts", "4", "--dtypes", dtype, "--rounds", "1"]
     report = prototypes.main(argv)
-    (result,) = report["results"]
+    result = next(r for r in report["results"] if r["name"] == "comoe-s0")
     assert set(result["arms"]) == set(prototypes.PROTO_ARMS)
     assert all(finite_positive(v) for v in result["proto_over_current"].values())
 
 
-def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path):
-    import importlib.util
-
+def tiny_model_folder(folder: Path) -> Path:
     from conftest import tiny_llama, tiny_tokenizer
 
-    model_dir = tmp_path / "tiny-model"
     tokenizer = tiny_tokenizer()
-    tiny_llama(vocab=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    tiny_llama(vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_quality():
+    import importlib.util
+
     spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
+    return quality
+
+
+def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path):
+    model_dir = tiny_model_folder(tmp_path / "tiny-model")
+    quality = load_quality()
     report = quality.main(["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--max-steps", "2",
-                           "--lambdas", "0.1"])
+                           "--lambdas", "0.1", "--routing-points", "2", "--router-lr-multipliers", "10"])
     summary = report["summary"]
-    assert set(summary["accuracy"]) == {"comoe", "moe", "lora"}
+    assert set(summary["accuracy"]) == {"base", "comoe", "moe", "lora"}
+    assert {r["method"] for r in report["results"]} == {"base", "comoe", "moe", "lora"}
+    assert sorted(r["name"] for r in report["results"] if r["method"] == "base") == ["base-s0", "base-s1"]
+    base = next(r for r in report["results"] if r["name"] == "base-s0")
+    assert base["trainable_parameters"] == 0 and "specialisation" not in base and "routing_history" not in base
     overall = summary["paired_comoe_minus_moe"]["overall"]
     assert len(overall["per_seed"]) == 2 and overall["n"] == 2
     assert "comoe" in summary["specialisation"] and "moe" in summary["specialisation"]
     assert [r["name"] for r in report["sweeps"]] == ["comoe-lambda0.1"]
+    routing = summary["routing_over_training"]
+    assert set(routing) == {"comoe", "moe"} and routing["comoe"]["steps"] == [1, 2]
+    assert routing["moe"]["routing_entropy"][-1]["n"] == 2, "one routing history per seed"
     text = (tmp_path / "q" / "quality.md").read_text()
-    assert "Paired difference" in text and "synthetic:parity" in text
+    assert "Paired difference" in text and "synthetic:parity" in text and "Specialisation: base" not in text
+    assert "| task | base | comoe | moe | lora |" in text
     assert "| moe-s0 | 0 | " in text and "| comoe-lambda0.1 | 0.1 | " in text, "the sweep table has its reference rows"
+    pilot = summary["pilot"]
+    assert set(pilot["lora_minus_base"]) == {"synthetic:arithmetic", "synthetic:parity"}
+    accuracy = summary["accuracy"]
+    gain = accuracy["lora"]["synthetic:parity"]["mean"] - accuracy["base"]["synthetic:parity"]["mean"]
+    assert pilot["lora_minus_base"]["synthetic:parity"] == pytest.approx(gain)
+    assert pilot["learns"] == (pilot["tasks_passed"] == 2) and "Pilot criterion" in text
+    assert "Routing during training" in text and "| comoe | 2 | " in text and "Total CPU time" in text
+    for image in ("accuracy.png", "routing_over_training.png"):
+        assert (tmp_path / "q" / image).read_bytes()[:4] == b"\x89PNG" and f"]({image})" in text
+    # every finished run's small results are written beside the report, apart from the (git-ignored) run folders
+    stored = json.loads((tmp_path / "q" / "results" / "comoe-s1.json").read_text())
+    assert stored["accuracy"] == next(r for r in report["results"] if r["name"] == "comoe-s1")["accuracy"]
+    assert len(list((tmp_path / "q" / "results").glob("*.json"))) == 13
+    arm = report["router_lr_arms"]["10"]
+    assert sorted(r["name"] for r in arm["results"]) == ["comoe-rlr10-s0", "comoe-rlr10-s1", "moe-rlr10-s0",
+                                                          "moe-rlr10-s1"]
+    assert {r["options"]["router_lr_multiplier"] for r in arm["results"]} == {10.0}
+    assert arm["paired_comoe_minus_moe"]["overall"]["n"] == 2 and "routers at 10 x the learning rate" in text
+    saved = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert set(saved) >= {"args", "results", "sweeps", "summary", "train_cpu_time_s"}
+    assert saved["train_cpu_time_s"] > 0
 
     # --report-only reuses the finished runs and leaves out (without training) the ones that are not there
     again = quality.main(["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--seeds", "0", "1",
-                          "5", "--lambdas", "0.1", "0.5", "--max-steps", "2", "--report-only"])
+                          "5", "--lambdas", "0.1", "0.5", "--max-steps", "2", "--routing-points", "2",
+                          "--report-only"])
     assert not (tmp_path / "q" / "runs" / "comoe-s5").exists()
     assert [r["name"] for r in again["sweeps"]] == ["comoe-lambda0.1"]
     assert again["summary"]["paired_comoe_minus_moe"]["overall"]["per_seed"] == overall["per_seed"]
@@ -143,6 +183,62 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
     # a finished run is not reused for other settings: a clear error instead of a silently wrong report
     with pytest.raises(SystemExit, match="other settings.*max_steps: stored 2, asked 3"):
         quality.main(["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--max-steps", "3"])
+
+
+@pytest.mark.slow
+def test_quality_killed_mid_run_continues_where_it_stopped(tmp_path):
+    """SIGKILL the study while a run trains (after its first checkpoint), start it again: the run resumes."""
+    import signal
+    import subprocess
+    import time
+
+    model_dir = tiny_model_folder(tmp_path / "tiny-model")
+    out = tmp_path / "q"
+    argv = ["--quick", "--model", str(model_dir), "--out-dir", str(out), "--methods", "comoe", "--seeds", "0",
+            "--max-steps", "200", "--save-steps", "5", "--routing-points", "0"]
+    script = Path(__file__).parents[1] / "benchmarks" / "quality.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    process = subprocess.Popen([sys.executable, str(script), *argv], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    partial = out / "runs" / ".comoe-s0.partial" / "trainer"
+    try:
+        deadline = time.time() + 120
+        while not list(partial.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
+            assert process.poll() is None, "the study ended before its first checkpoint"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (out / "runs" / "comoe-s0" / "run_config.json").exists(), "killed before the run finished"
+    kept = max(int(p.parent.name.split("-")[1]) for p in partial.glob("checkpoint-*/trainer_state.json"))
+
+    report = load_quality().main(argv)
+    result = next(r for r in report["results"] if r["name"] == "comoe-s0")
+    assert result["resumed_from_step"] is not None and result["resumed_from_step"] >= kept
+    history = json.loads((out / "runs" / "comoe-s0" / "log_history.json").read_text())
+    steps = [e["step"] for e in history if "loss" in e]
+    assert history[-1]["step"] == 200, "trained to the end"
+    assert steps == list(range(6, 201, 6)), "every logging step once: none lost at the kill, none repeated"
+    assert not (out / "runs" / ".comoe-s0.partial").exists()
+    assert (out / "results" / "comoe-s0.json").is_file()
+
+
+def test_quality_v2_run_folders_stay_out_of_git_and_their_results_do_not():
+    import shutil
+    import subprocess
+
+    root = Path(__file__).parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = "benchmarks/results/quality_v2"
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
+
+    assert ignored(f"{out}/runs/.comoe-s0.partial/trainer/checkpoint-25/adapter_model.safetensors")
+    assert ignored(f"{out}/runs/comoe-s0/data/test/data-00000-of-00001.arrow")
+    assert not ignored(f"{out}/results/comoe-s0.json") and not ignored(f"{out}/quality.json")
+    assert not ignored(f"{out}/accuracy.png")
 
 
 def test_decode_speed_reports_every_arm_eager_and_compiled(tmp_path):

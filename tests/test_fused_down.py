@@ -124,3 +124,19 @@ def test_bf16_input_to_float32_adapters_is_cast_on_the_fly():
     kept = saved_float32_bytes(lambda: RoutedDownProjection.apply(x, x, down, router, num_experts, 2))
     params = (down.numel() + router.numel()) * 4
     assert kept - params < num_tokens * d_in * 4 / 4, "no float32 copy of the input is kept for backward"
+
+
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_bf16_autocast_keeps_the_adapter_dtype_and_backward_runs(shared_input):
+    """Mixed precision (the trainer's `bf16=True`: torch.autocast in the forward only) with float32 adapters."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, requires_grad=True)
+    router_x = None if shared_input else torch.randn(6, 8, requires_grad=True)
+    down = torch.randn(4 * 2, 8, requires_grad=True)
+    router = torch.randn(4, 8, requires_grad=True)
+    plain = RoutedDownProjection.apply(x, router_x, down, router, 4, 2)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mixed = RoutedDownProjection.apply(x, router_x, down, router, 4, 2)
+    assert mixed[0].dtype == torch.float32 and torch.equal(mixed[0], plain[0])  # the Function chose the dtypes
+    (mixed[0].square().sum() + mixed[2].sum()).backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, down, router))

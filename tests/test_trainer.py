@@ -161,6 +161,53 @@ def test_resume_from_checkpoint_gives_the_same_losses(tmp_path, tokenizer, datas
     assert card.count("import comoe_peft") == 1 and card.startswith("---")
 
 
+def test_router_lr_multiplier_gives_the_routers_their_own_param_groups(tmp_path, tokenizer, dataset):
+    trainer = CoMoESFTTrainer(model=base_model(tokenizer), args=sft_args(tmp_path, comoe_router_lr_multiplier=10.0,
+                                                                         max_steps=2, warmup_steps=1),
+                              train_dataset=dataset, processing_class=tokenizer, peft_config=comoe_config())
+    routers = {id(w) for m in trainer.model.modules() for w in getattr(m, "comoe_router", {}).values()}
+    assert routers
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    router_groups = [g for g in groups if g.get("comoe_router")]
+    others = [g for g in groups if not g.get("comoe_router") and g["params"]]
+    assert {id(p) for g in router_groups for p in g["params"]} == routers
+    assert not any(id(p) in routers for g in others for p in g["params"])
+    assert router_groups[0]["initial_lr"] == pytest.approx(10 * others[0]["initial_lr"])  # under the same schedule
+    assert router_groups[0]["lr"] == pytest.approx(10 * others[0]["lr"])
+    with pytest.raises(ValueError, match="comoe_router_lr_multiplier must be positive"):
+        CoMoESFTTrainer(model=base_model(tokenizer), args=sft_args(tmp_path, comoe_router_lr_multiplier=0.0),
+                        train_dataset=dataset, processing_class=tokenizer, peft_config=comoe_config())
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_padding_free_batches_equal_padded_ones_only_without_a_cache(tokenizer, use_cache):
+    """Padded and padding-free batches give the same logits and CoMoE losses when the model builds no KV cache:
+    transformers then reads the sequence boundaries from position_ids. With a cache (use_cache=True, the config's
+    default, even in training) it does not, and the examples of a row attend to each other; so `jobs` turns the
+    cache off for `--padding-free`."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    torch.manual_seed(0)
+    model = get_peft_model(base_model(tokenizer), comoe_config(contrastive_loss_coef=0.1)).eval()
+    rows = [{"input_ids": tokenizer(text)["input_ids"]} for text in
+            ["hello world this is a longer text", "short one", "a sentence of medium length"]]
+    outputs = {}
+    for padding_free in (False, True):
+        collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id or 0, padding_free=padding_free)
+        batch = collator(rows)
+        with torch.no_grad(), model.base_model.recording():
+            out = model(**batch, use_cache=use_cache)
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        outputs[padding_free] = (out.logits[mask], {k: v.item() for k, v in model.base_model.get_aux_losses().items()})
+    (padded_logits, padded_losses), (free_logits, free_losses) = outputs[False], outputs[True]
+    same = torch.allclose(free_logits, padded_logits, atol=1e-5)
+    assert same == (not use_cache)
+    if not use_cache:
+        for name in ("z", "balance", "contrastive"):
+            assert free_losses[name] == pytest.approx(padded_losses[name], rel=1e-5), name
+
+
 def test_reentrant_gradient_checkpointing_is_refused(tmp_path, tokenizer, dataset):
     args = sft_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="Reentrant gradient checkpointing.*use_reentrant': False"):
