@@ -37,6 +37,8 @@ def main(output_dir: str) -> None:
         }
         with open(os.path.join(output_dir, "report.json"), "w") as handle:
             json.dump(report, handle)
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # a clean gloo shutdown: no rank exits with its threads still running
 
 
 if __name__ == "__main__":
