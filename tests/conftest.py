@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -114,3 +115,26 @@ def multitask_rows(n_per_task: int = 16, seed: int = 0):
         rows.append({"prompt": f"turn left, take {steps} steps, turn around. do you return to the start? answer:",
                      "completion": " no"})
     return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved to a folder, for CLI runs."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(vocab=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def examples_file(tmp_path_factory):
+    """A JSONL file of 48 rows in two tasks (one multiple choice, one generation), for CLI runs."""
+    path = tmp_path_factory.mktemp("data") / "examples.jsonl"
+    rows = []
+    for i in range(24):
+        rows.append({"task": "sentiment", "prompt": f"review {i}: a wonderful film", "choices": ["positive", "negative"],
+                     "answer": "positive" if i % 3 else "negative"})
+        rows.append({"task": "arithmetic", "prompt": f"what is {i} plus 1?", "choices": [], "answer": str(i + 1)})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path

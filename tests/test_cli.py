@@ -7,32 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import tiny_llama
 
 from comoe_peft.cli import main
 from comoe_peft.jobs import PRESETS, matched_lora_rank
 from comoe_peft.runs import RunError, finish_run, start_run
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(vocab=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def examples_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "examples.jsonl"
-    rows = []
-    for i in range(24):
-        rows.append({"task": "sentiment", "prompt": f"review {i}: a wonderful film", "choices": ["positive", "negative"],
-                     "answer": "positive" if i % 3 else "negative"})
-        rows.append({"task": "arithmetic", "prompt": f"what is {i} plus 1?", "choices": [], "answer": str(i + 1)})
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
 
 
 def quick(tiny_model_dir, examples_file, run_dir, *extra):
