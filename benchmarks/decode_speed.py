@@ -12,7 +12,7 @@ Arms (one copy of the model each, one process, interleaved round by round like `
     (--compile)  base_compiled, lora_kr_compiled, comoe_compiled: the same models with `torch.compile` over the
                  transformers model and a `StaticCache`, so that every decoding step has the same shapes
 
-Models: `smollm2` (the converted SmolLM2-135M from `comoe_peft.pretrained`, skipped when missing) and config-built
+Models: `smollm2` (the converted SmolLM2-135M from `comoe_peft.experiments.pretrained`, skipped when missing) and config-built
 models of real shapes with random weights (nothing is downloaded): `smollm2-shape` (SmolLM2-135M's config),
 `llama-1b-shape` (Llama-3.2-1B's layer shapes, `--shape-layers` layers) and `llama-7b-shape` (Llama-2-7B's).
 
@@ -91,13 +91,13 @@ def load_model(name: str, args: argparse.Namespace) -> nn.Module | None:
         return shape_model(name, args.shape_layers, args.dtype)
     model = _smollm2(args.dtype)
     if model is None:
-        print("smollm2 skipped: the converted SmolLM2-135M is not available (comoe_peft.pretrained)", flush=True)
+        print("smollm2 skipped: the converted SmolLM2-135M is not available (comoe_peft.experiments.pretrained)", flush=True)
     return model
 
 
 def _smollm2(dtype: torch.dtype) -> nn.Module | None:
     try:
-        from comoe_peft.pretrained import ensure_default_model
+        from comoe_peft.experiments.pretrained import ensure_default_model
 
         folder = ensure_default_model()
     except (ImportError, FileNotFoundError):

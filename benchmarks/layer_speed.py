@@ -14,11 +14,11 @@ Arms (same frozen base layer, inputs and output gradient):
     lora_nr            real peft LoRA at r = N*r, the same parameter count as the experts
     loop               mixture of LoRA experts the MoLA / MixLoRA way: route, then a Python loop over the experts
                        with torch.where / index_add (written here; also the correctness oracle)
-    comoe              `comoe_peft.layer.Linear` in train mode, contrastive loss off
+    comoe              `comoe_peft.tuner.layer.Linear` in train mode, contrastive loss off
     comoe_con          ... contrastive loss on, every inactive expert a negative
     comoe_con_sampled  ... contrastive loss on, m sampled negatives (m = 2, or 1 when N - k <= 2)
     dora_kr            real peft DoRA (LoraConfig(use_dora=True)) at r = k*r
-    comoe_dora         `comoe_peft.layer.Linear` with DoRA experts (use_dora), contrastive loss off
+    comoe_dora         `comoe_peft.tuner.layer.Linear` with DoRA experts (use_dora), contrastive loss off
     comoe_dora_con     ... contrastive loss on, every inactive expert a negative
 
 The backward is `torch.autograd.backward([out, contrastive], [grad_out, 0.01])`, i.e. the gradient of
@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comoe_peft.files import write_json_atomic, write_text_atomic
-from comoe_peft.layer import ExpertSettings
-from comoe_peft.layer import Linear as CoMoELinear
+from comoe_peft.tuner.files import write_json_atomic, write_text_atomic
+from comoe_peft.tuner.layer import ExpertSettings
+from comoe_peft.tuner.layer import Linear as CoMoELinear
 
 ARMS = (
     "base", "lora_kr", "lora_nr", "loop", "comoe", "comoe_con", "comoe_con_sampled", "dora_kr", "comoe_dora",

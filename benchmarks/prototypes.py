@@ -1,9 +1,9 @@
 """Prototypes of a faster CoMoE layer, measured against the current one with the protocol of `layer_speed.py`.
 
-Nothing here is used by the package: these are candidates for `comoe_peft/layer.py` and `comoe_peft/losses.py`,
+Nothing here is used by the package: these are candidates for `comoe_peft/tuner/layer.py` and `comoe_peft/tuner/losses.py`,
 kept with their measurements so the change can be judged and reproduced. Items 1 (with the router kept in float32)
-and 4 (for sampled negatives) have since been taken into the package as `comoe_peft.fused_down.RoutedDownProjection`
-and the dense path of `comoe_peft.losses.contrastive_logits`; `benchmarks/results/prototypes_cpu.json` compares the
+and 4 (for sampled negatives) have since been taken into the package as `comoe_peft.tuner.fused_down.RoutedDownProjection`
+and the dense path of `comoe_peft.tuner.losses.contrastive_logits`; `benchmarks/results/prototypes_cpu.json` compares the
 prototypes with the layer as it was before that.
 
 1. `RoutedDown` + `AddUp`: hand-written torch.autograd.Functions for fused down-projection -> routing -> gated
@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import layer_speed
 
-from comoe_peft.layer import ExpertSettings, routing_stats
-from comoe_peft.layer import Linear as CoMoELinear
-from comoe_peft.losses import (
+from comoe_peft.tuner.layer import ExpertSettings, routing_stats
+from comoe_peft.tuner.layer import Linear as CoMoELinear
+from comoe_peft.tuner.losses import (
     CONTRASTIVE_EPS,
     NORM_EPS,
     ContrastiveIndices,
@@ -192,7 +192,7 @@ def contrastive_loss_dense(
 class PrototypeLinear(CoMoELinear):
     """The CoMoE layer with `RoutedDown` + `AddUp`, lean recording and (optionally) the dense contrastive loss.
 
-    Same parameters as `comoe_peft.layer.Linear`, so outputs and gradients can be compared one to one.
+    Same parameters as `comoe_peft.tuner.layer.Linear`, so outputs and gradients can be compared one to one.
     """
 
     def __init__(self, *args, dense_contrastive: bool = True, aux_losses: tuple[str, ...] = (), **kwargs) -> None:
@@ -216,7 +216,7 @@ class PrototypeLinear(CoMoELinear):
         return result
 
     def _record_lean(self, adapter_name, settings, h, up, router_logits, probs, topk_idx, x) -> None:
-        from comoe_peft.losses import load_balancing_loss, router_z_loss
+        from comoe_peft.tuner.losses import load_balancing_loss, router_z_loss
 
         token_mask = self.forward_context.token_mask(x)
         losses: dict[str, torch.Tensor] = {}

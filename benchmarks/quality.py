@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from comoe_peft.files import write_text_atomic
-from comoe_peft.jobs import EXPERT_METHODS, PRESETS, TrainOptions, analyze_run, evaluate_run, train
-from comoe_peft.runs import ROUTING_HISTORY, RUN_CONFIG, RunError, write_json
+from comoe_peft.tuner.files import write_text_atomic
+from comoe_peft.experiments.jobs import EXPERT_METHODS, PRESETS, TrainOptions, analyze_run, evaluate_run, train
+from comoe_peft.experiments.runs import ROUTING_HISTORY, RUN_CONFIG, RunError, write_json
 
 T_CRITICAL_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 

@@ -1,7 +1,7 @@
 """Whole training steps (forward, backward, AdamW step): CoMoE against peft LoRA and a loop MoE-LoRA.
 
 Models: a tiny random Llama built from a LlamaConfig (hidden 256, 4 layers, vocab 8192) and, unless --quick, the
-converted SmolLM2-135M from `comoe_peft.pretrained` when it is available. Targets q, k, v, o in every layer.
+converted SmolLM2-135M from `comoe_peft.experiments.pretrained` when it is available. Targets q, k, v, o in every layer.
 
 Arms (one copy of the model each, all in one process, interleaved round by round like `layer_speed.py`):
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import layer_speed
 
-from comoe_peft.files import write_json_atomic, write_text_atomic
+from comoe_peft.tuner.files import write_json_atomic, write_text_atomic
 from comoe_peft import CoMoEConfig
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -72,11 +72,11 @@ def tiny_llama(seed: int = 0, vocab: int = 8192, hidden: int = 256, layers: int 
 
 
 def smollm2() -> nn.Module | None:
-    """The converted SmolLM2-135M, or None when `comoe_peft.pretrained` or the GGUF package is missing."""
+    """The converted SmolLM2-135M, or None when `comoe_peft.experiments.pretrained` or the GGUF package is missing."""
     try:
-        from comoe_peft.pretrained import ensure_default_model
+        from comoe_peft.experiments.pretrained import ensure_default_model
     except ImportError as error:
-        print(f"SmolLM2-135M skipped: comoe_peft.pretrained is not importable ({error})")
+        print(f"SmolLM2-135M skipped: comoe_peft.experiments.pretrained is not importable ({error})")
         return None
     try:
         folder = ensure_default_model()
@@ -145,7 +145,7 @@ def to_prototype(model: nn.Module) -> nn.Module:
     """Swap every CoMoE layer's class for `prototypes.PrototypeLinear` (same parameters, the fused Functions)."""
     import prototypes
 
-    from comoe_peft.layer import Linear as CoMoELinear
+    from comoe_peft.tuner.layer import Linear as CoMoELinear
 
     for module in model.modules():
         if isinstance(module, CoMoELinear):

@@ -15,7 +15,7 @@ from conftest import multitask_rows, tiny_llama, tiny_tokenizer
 from datasets import Dataset
 
 from comoe_peft import CoMoEConfig
-from comoe_peft.trainer import CoMoESFTConfig, CoMoESFTTrainer
+from comoe_peft.training.trainer import CoMoESFTConfig, CoMoESFTTrainer
 
 
 def main(output_dir: str) -> None:

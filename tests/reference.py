@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from comoe_peft.losses import CONTRASTIVE_EPS, NORM_EPS
+from comoe_peft.tuner.losses import CONTRASTIVE_EPS, NORM_EPS
 
 
 def expert_matrices(layer, adapter_name: str = "default"):

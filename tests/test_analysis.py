@@ -14,7 +14,7 @@ from datasets import Dataset
 from peft import get_peft_model
 
 from comoe_peft import CoMoEConfig
-from comoe_peft.analysis import (
+from comoe_peft.experiments.analysis import (
     analyze_model,
     expert_outputs_cosine,
     layer_index,
@@ -23,10 +23,10 @@ from comoe_peft.analysis import (
     projection_name,
     write_report,
 )
-from comoe_peft.analysis_metrics import mean_pairwise_cosine
-from comoe_peft.data import format_prompt
-from comoe_peft.dora import contrasted_up_projection, expert_scales
-from comoe_peft.losses import CONTRASTIVE_EPS
+from comoe_peft.experiments.analysis_metrics import mean_pairwise_cosine
+from comoe_peft.experiments.data import format_prompt
+from comoe_peft.tuner.dora import contrasted_up_projection, expert_scales
+from comoe_peft.tuner.losses import CONTRASTIVE_EPS
 
 LOG2 = math.log(2)
 

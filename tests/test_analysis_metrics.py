@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from comoe_peft.analysis_metrics import (
+from comoe_peft.experiments.analysis_metrics import (
     infonce_bound,
     jensen_shannon,
     load_coefficient_of_variation,

@@ -9,9 +9,9 @@ import sys
 import pytest
 from conftest import tiny_llama
 
-from comoe_peft.cli import main
-from comoe_peft.jobs import PRESETS, matched_lora_rank
-from comoe_peft.runs import RunError, finish_run, start_run
+from comoe_peft.experiments.cli import main
+from comoe_peft.experiments.jobs import PRESETS, matched_lora_rank
+from comoe_peft.experiments.runs import RunError, finish_run, start_run
 
 
 def quick(tiny_model_dir, examples_file, run_dir, *extra):
@@ -139,9 +139,9 @@ def test_python_dash_m_entry_point():
 def test_tasks_can_mix_the_papers_benchmarks_with_built_in_tasks(monkeypatch):
     from datasets import Dataset
 
-    from comoe_peft import hub_datasets
-    from comoe_peft.data import EXAMPLE_FEATURES
-    from comoe_peft.jobs import TrainOptions, load_mixture
+    from comoe_peft.experiments import hub_datasets
+    from comoe_peft.experiments.data import EXAMPLE_FEATURES
+    from comoe_peft.experiments.jobs import TrainOptions, load_mixture
 
     calls = []
 
@@ -167,7 +167,7 @@ def test_run_folders_and_files_get_ordinary_permissions(tmp_path):
     import os
     import stat
 
-    from comoe_peft.files import write_json_atomic
+    from comoe_peft.tuner.files import write_json_atomic
 
     old = os.umask(0o022)
     try:

@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_tokenizer
 from test_qlora import width64_llama
 
-import comoe_peft.jobs as jobs
-import comoe_peft.pretrained as pretrained
-from comoe_peft.cli import build_parser, main
+import comoe_peft.experiments.jobs as jobs
+import comoe_peft.experiments.pretrained as pretrained
+from comoe_peft.experiments.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")

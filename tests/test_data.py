@@ -1,4 +1,4 @@
-"""Tests of comoe_peft.data: schema validation, loading user files, per-task splits, SFT formatting."""
+"""Tests of comoe_peft.experiments.data: schema validation, loading user files, per-task splits, SFT formatting."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from comoe_peft import data
-from comoe_peft.data import (
+from comoe_peft.experiments import data
+from comoe_peft.experiments.data import (
     format_example,
     format_prompt,
     load_examples,

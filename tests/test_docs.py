@@ -18,7 +18,7 @@ Rule: every code block on the site either runs in a test or is a notebook cell (
     - `accelerate launch ...`: parsed with accelerate's own argument parser; its `--config_file` exists and loads
       with accelerate's config loader; its script exists in the repository or is a ```python title="<script>" block
       of the docs;
-    - `comoe-peft ...`: parsed with the command's own argument parser (`comoe_peft.cli.build_parser`);
+    - `comoe-peft ...`: parsed with the command's own argument parser (`comoe_peft.experiments.cli.build_parser`);
     - anything else fails the test, so that a new kind of command gets a check.
 """
 
@@ -183,7 +183,7 @@ def check_accelerate(argv: list[str], label: str) -> None:
 
 
 def check_comoe_peft(argv: list[str], label: str) -> None:
-    cli = pytest.importorskip("comoe_peft.cli", reason="comoe_peft.cli is not there yet")
+    cli = pytest.importorskip("comoe_peft.experiments.cli", reason="comoe_peft.experiments.cli is not there yet")
     try:
         cli.build_parser().parse_args(argv[1:])
     except SystemExit as error:
@@ -325,7 +325,7 @@ def test_api_reference_covers_every_public_name(site):
 def test_configuration_page_documents_every_field(site):
     from peft import PeftConfig
 
-    from comoe_peft.config import CoMoEConfig
+    from comoe_peft.tuner.config import CoMoEConfig
 
     page = html(site, "configuration")
     inherited = {f.name for f in dataclasses.fields(PeftConfig)}
@@ -334,7 +334,7 @@ def test_configuration_page_documents_every_field(site):
     for field in own:
         help_text = field.metadata.get("help", "")
         assert help_text, f"CoMoEConfig.{field.name} has no metadata help"
-        assert f'id="comoe_peft.config.CoMoEConfig.{field.name}"' in page, field.name
+        assert f'id="comoe_peft.tuner.config.CoMoEConfig.{field.name}"' in page, field.name
         first_words = " ".join(help_text.split()[:4])
         assert first_words.replace("'", "&#39;") in page or first_words in page, f"help of {field.name} not shown"
     table = CONFIG_PAGE.read_text(encoding="utf-8")

@@ -14,9 +14,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from comoe_peft import CoMoEConfig, CoMoELayer
-from comoe_peft.dora import MagnitudeTerm, base_weight, expert_row_norms
-from comoe_peft.layer import ExpertSettings, Linear
-from comoe_peft.losses import sample_contrastive_indices
+from comoe_peft.tuner.dora import MagnitudeTerm, base_weight, expert_row_norms
+from comoe_peft.tuner.layer import ExpertSettings, Linear
+from comoe_peft.tuner.losses import sample_contrastive_indices
 
 D_IN, D_OUT, R, N = 16, 12, 4, 4
 

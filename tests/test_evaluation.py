@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from comoe_peft import evaluation
-from comoe_peft.evaluation import (
+from comoe_peft.experiments import evaluation
+from comoe_peft.experiments.evaluation import (
     choice_loglikelihoods,
     clean_generation,
     encode_pair,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comoe_peft.fused_down import RoutedDownProjection, route
+from comoe_peft.tuner.fused_down import RoutedDownProjection, route
 
 
 def plain_autograd(expert_input, router_input, down, router, num_experts, top_k):

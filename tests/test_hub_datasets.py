@@ -1,4 +1,4 @@
-"""Tests of comoe_peft.hub_datasets with rows shaped like the hub datasets (nothing is downloaded)."""
+"""Tests of comoe_peft.experiments.hub_datasets with rows shaped like the hub datasets (nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import datasets
 import pytest
 from datasets import Dataset
 
-from comoe_peft import hub_datasets as hub
-from comoe_peft.data import format_prompt
+from comoe_peft.experiments import hub_datasets as hub
+from comoe_peft.experiments.data import format_prompt
 
 ARC = {
     "id": "Mercury_1",

@@ -12,7 +12,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 from comoe_peft import CoMoEConfig
-from comoe_peft.layer import ExpertSettings, Linear
+from comoe_peft.tuner.layer import ExpertSettings, Linear
 
 
 def make_layer(top_k=2, num_experts=4, dropout=0.0, contrastive=True, seed=0, d_in=16, d_out=12, r=4):

@@ -8,7 +8,7 @@ from reference import expert_matrices, finite, moe_lora_loop
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from comoe_peft.layer import ExpertSettings, Linear, route
+from comoe_peft.tuner.layer import ExpertSettings, Linear, route
 
 
 def make_layer(d_in=16, d_out=12, r=4, num_experts=4, top_k=2, contrastive=True, dtype=torch.float32, seed=0):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from reference import contrastive_loss_literal, finite
 
-from comoe_peft import losses
-from comoe_peft.losses import (
+from comoe_peft.tuner import losses
+from comoe_peft.tuner.losses import (
     contrastive_logits,
     contrastive_loss,
     load_balancing_loss,

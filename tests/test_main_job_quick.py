@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from comoe_peft.tasks import DEFAULT_TASKS
+from comoe_peft.experiments.tasks import DEFAULT_TASKS
 
 
 def comoe_peft(*args: str) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from conftest import tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from comoe_peft import CoMoEConfig, CoMoELayer
-from comoe_peft.losses import load_balancing_loss, router_z_loss
+from comoe_peft.tuner.losses import load_balancing_loss, router_z_loss
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # a suffix key, a full name (wins over the suffix key because it comes first) and a regex, as peft documents them

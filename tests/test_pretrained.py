@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from comoe_peft import pretrained
-from comoe_peft.pretrained import (
+from comoe_peft.experiments import pretrained
+from comoe_peft.experiments.pretrained import (
     COMPLETE_MARKER,
     DEFAULT_MODEL,
     INSTALL_HINT,

@@ -18,7 +18,7 @@ from reference import expert_matrices, moe_lora_loop
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from comoe_peft import CoMoEConfig, CoMoELayer
-from comoe_peft import bnb as comoe_bnb
+from comoe_peft.tuner import bnb as comoe_bnb
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 QUANT = {
@@ -168,7 +168,7 @@ def test_kbit_preparation_with_non_reentrant_checkpointing_trains_only_the_adapt
 def test_comoe_sft_trainer_takes_steps_on_a_4bit_base_and_keeps_the_router_fp32(model_dir, tmp_path):
     from datasets import Dataset
 
-    from comoe_peft.trainer import CoMoESFTConfig, CoMoESFTTrainer
+    from comoe_peft.training.trainer import CoMoESFTConfig, CoMoESFTTrainer
 
     tokenizer = tiny_tokenizer()
     args = CoMoESFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1,

@@ -12,7 +12,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 
 import comoe_peft
 from comoe_peft import CoMoEConfig, CoMoEModel
-from comoe_peft.registration import is_registered, register
+from comoe_peft.tuner.registration import is_registered, register
 
 
 def test_import_registers_the_peft_type():
@@ -29,7 +29,7 @@ def test_import_registers_the_peft_type():
 def test_registration_is_idempotent_and_survives_reload():
     register()
     register()
-    importlib.reload(importlib.import_module("comoe_peft.peft_type"))
+    importlib.reload(importlib.import_module("comoe_peft.tuner.peft_type"))
     assert list(PeftType).count(PeftType.COMOE) == 1
     assert is_registered()
 

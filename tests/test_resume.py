@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from comoe_peft import jobs
-from comoe_peft.cli import main
-from comoe_peft.runs import partial_dir
+from comoe_peft.experiments import jobs
+from comoe_peft.experiments.cli import main
+from comoe_peft.experiments.runs import partial_dir
 
 
 def train_args(model_dir, examples, run_dir, *extra):
@@ -131,9 +131,9 @@ def test_base_run_scores_the_untrained_model_on_the_same_split(tmp_path, capsys,
     # the base model's scores are those of the base model itself, evaluated directly with the same scorer
     from datasets import load_from_disk
 
-    from comoe_peft.data import format_prompt
-    from comoe_peft.evaluation import evaluate
-    from comoe_peft.pretrained import load_model_and_tokenizer
+    from comoe_peft.experiments.data import format_prompt
+    from comoe_peft.experiments.evaluation import evaluate
+    from comoe_peft.experiments.pretrained import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
     direct = evaluate(model.eval(), tokenizer, load_from_disk(str(tmp_path / "base" / "data" / "test")),

@@ -1,4 +1,4 @@
-"""Tests of comoe_peft.tasks on a tiny fake BIG-bench sdist (no network) and on the synthetic tasks."""
+"""Tests of comoe_peft.experiments.tasks on a tiny fake BIG-bench sdist (no network) and on the synthetic tasks."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from datasets import List, Value
 
-from comoe_peft import tasks
-from comoe_peft.data import validate_examples
-from comoe_peft.tasks import (
+from comoe_peft.experiments import tasks
+from comoe_peft.experiments.data import validate_examples
+from comoe_peft.experiments.tasks import (
     DEFAULT_TASKS,
     SDIST_NAME,
     fetch_bigbench_tasks,
@@ -167,7 +167,7 @@ def test_default_download_runs_pip_download_of_the_sdist(tmp_path: Path, monkeyp
 
 def test_download_refused_by_a_new_pip_runs_an_older_pip_from_its_wheel(tmp_path, monkeypatch) -> None:
     """pip >= 26.3 refuses bigbench's sdist (a direct URL dependency in its metadata): pip 26.2 does the download."""
-    from comoe_peft.tasks import PIP_FOR_BIGBENCH
+    from comoe_peft.experiments.tasks import PIP_FOR_BIGBENCH
 
     commands = []
 

@@ -13,8 +13,8 @@ from datasets import Dataset
 from peft import PeftModel, get_peft_model
 
 from comoe_peft import CoMoEConfig
-from comoe_peft.callbacks import HISTORY_FILENAME
-from comoe_peft.trainer import CoMoESFTConfig, CoMoESFTTrainer, CoMoETrainer, CoMoETrainingArguments
+from comoe_peft.training.callbacks import HISTORY_FILENAME
+from comoe_peft.training.trainer import CoMoESFTConfig, CoMoESFTTrainer, CoMoETrainer, CoMoETrainingArguments
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from comoe_peft.cache import default_cache_dir
-from comoe_peft.files import default_permissions
+from comoe_peft.experiments.cache import default_cache_dir
+from comoe_peft.tuner.files import default_permissions
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -129,7 +129,7 @@ def ensure_default_model(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the folder of the converted default model, converting it on first use.
 
     Args:
-        cache_dir: cache root; defaults to `comoe_peft.cache.default_cache_dir`.
+        cache_dir: cache root; defaults to `comoe_peft.experiments.cache.default_cache_dir`.
 
     Returns:
         `<cache_dir>/models/smollm2-135m-instruct`, a folder that `from_pretrained` loads
@@ -221,13 +221,13 @@ def load_model_and_tokenizer(
         dtype: parameter dtype of the loaded model (of its unquantized parts, for a quantized one).
         cache_dir: cache root for the default model.
         **model_kwargs: more `from_pretrained` arguments, e.g. `quantization_config` and `device_map` for a
-            bitsandbytes base (`comoe_peft.jobs.quantization_kwargs`).
+            bitsandbytes base (`comoe_peft.experiments.jobs.quantization_kwargs`).
 
     Returns:
         `(model, tokenizer)`. The tokenizer always has a pad token (the EOS token when it had
         none) and `padding_side="left"`, which is what batched generation needs. Code that
         pads for training or log-likelihood scoring must choose its own padding side
-        (`comoe_peft.evaluation` pads by hand and does not depend on it).
+        (`comoe_peft.experiments.evaluation` pads by hand and does not depend on it).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -273,3 +273,19 @@ def layer_index(module_key: str, layers_pattern: list[str] | str | None = None) 
             if match is not None:
                 break
     return int(match.group("idx")) if match else None
+
+
+def find_comoe_model(model: torch.nn.Module) -> CoMoEModel:
+    """The `CoMoEModel` inside a (possibly DDP- or FSDP-wrapped) `PeftModel`; a clear error if there is none."""
+    seen = model
+    for _ in range(4):  # DDP/FSDP wrapper -> PeftModel -> CoMoEModel
+        if isinstance(seen, CoMoEModel):
+            return seen
+        inner = getattr(seen, "module", None) or getattr(seen, "base_model", None)
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    raise ValueError(
+        "This trainer needs a model with a CoMoE adapter: pass `peft_config=CoMoEConfig(...)` or a model wrapped "
+        f"with `get_peft_model(model, CoMoEConfig(...))`; got {type(model).__name__}."
+    )

@@ -53,7 +53,7 @@ def write_loading_note(folder: str) -> None:
     import os
     from pathlib import Path
 
-    from .files import write_text_atomic
+    from comoe_peft.tuner.files import write_text_atomic
 
     path = os.path.join(folder, "README.md")
     text = Path(path).read_text(encoding="utf-8") if os.path.isfile(path) else ""

@@ -18,8 +18,8 @@ from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from .callbacks import ExpertLoadHistoryCallback
-from .model import AUX_LOSS_COEF_FIELDS, CoMoEModel
-from .registration import write_loading_note
+from comoe_peft.tuner.model import AUX_LOSS_COEF_FIELDS, CoMoEModel, find_comoe_model
+from comoe_peft.tuner.registration import write_loading_note
 
 METRIC_PREFIX = "comoe/"
 
@@ -58,22 +58,6 @@ class CoMoESFTConfig(CoMoEArgumentsMixin, SFTConfig):
 @dataclass
 class CoMoETrainingArguments(CoMoEArgumentsMixin, TrainingArguments):
     """transformers' `TrainingArguments` plus the `comoe_*` overrides of `CoMoEArgumentsMixin`."""
-
-
-def find_comoe_model(model: torch.nn.Module) -> CoMoEModel:
-    """The `CoMoEModel` inside a (possibly DDP- or FSDP-wrapped) `PeftModel`; a clear error if there is none."""
-    seen = model
-    for _ in range(4):  # DDP/FSDP wrapper -> PeftModel -> CoMoEModel
-        if isinstance(seen, CoMoEModel):
-            return seen
-        inner = getattr(seen, "module", None) or getattr(seen, "base_model", None)
-        if inner is None or inner is seen:
-            break
-        seen = inner
-    raise ValueError(
-        "This trainer needs a model with a CoMoE adapter: pass `peft_config=CoMoEConfig(...)` or a model wrapped "
-        f"with `get_peft_model(model, CoMoEConfig(...))`; got {type(model).__name__}."
-    )
 
 
 def keep_routers_float32(comoe_model: CoMoEModel) -> int:
@@ -248,7 +232,7 @@ class CoMoESFTTrainer(CoMoETrainerMixin, SFTTrainer):
     Example:
         ```python
         from comoe_peft import CoMoEConfig
-        from comoe_peft.trainer import CoMoESFTConfig, CoMoESFTTrainer
+        from comoe_peft.training.trainer import CoMoESFTConfig, CoMoESFTTrainer
 
         trainer = CoMoESFTTrainer(
             model=base_model,

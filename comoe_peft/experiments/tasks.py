@@ -5,7 +5,7 @@
 - `bigbench:<task>` / `bigbench:<task>/<subtask>`: a task of BIG-bench 1.0.0 (167 JSON tasks). The data ships in
   the `bigbench` source distribution on the Python package index (358 MB), which is downloaded once with
   `pip download` into `<cache>/bigbench/sdist`; only the `task.json` files asked for are extracted, into
-  `<cache>/bigbench/<task>/...` (the cache is `comoe_peft.cache.default_cache_dir()`: never the repository, since
+  `<cache>/bigbench/<task>/...` (the cache is `comoe_peft.experiments.cache.default_cache_dir()`: never the repository, since
   every file carries the BIG-bench canary string). `<task>` alone takes the task's own examples and those of all
   its subtasks (`bigbench:multiemo` alone is 110 subtasks and 1.4 M rows: name a subtask such as
   `bigbench:multiemo/all_text_en`).
@@ -13,7 +13,7 @@
   generation), `parity` (even or odd number of 1s in a bit string, multiple choice), `sort_letters` (sort 4-7
   letters, generation).
 
-`load_tasks` returns rows in the schema of `comoe_peft.data` with `task` set to the task string.
+`load_tasks` returns rows in the schema of `comoe_peft.experiments.data` with `task` set to the task string.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def fetch_bigbench_tasks(
 
     Args:
         names: task names without the `bigbench:` prefix, `"navigate"` or `"multiemo/all_text_en"`.
-        cache_dir: cache folder; default `comoe_peft.cache.default_cache_dir()`.
+        cache_dir: cache folder; default `comoe_peft.experiments.cache.default_cache_dir()`.
         download: function that downloads the sdist into the folder it is given (tests replace it).
 
     Returns:
@@ -236,7 +236,7 @@ def _check_known(names: Sequence[str], available: set[str] | None, root: Path) -
 
 
 def parse_bigbench_task(data: dict[str, Any], task: str) -> list[dict[str, Any]]:
-    """Rows in the schema of `comoe_peft.data` from one parsed BIG-bench `task.json`.
+    """Rows in the schema of `comoe_peft.experiments.data` from one parsed BIG-bench `task.json`.
 
     The prompt is the task prefix, the example input prefix and the input. An example with `target_scores`
     is multiple choice (choices: its keys; answer: the key with the highest score; examples with a tie for
@@ -379,14 +379,14 @@ def load_tasks(
     max_examples_per_task: int | None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Dataset:
-    """Load built-in tasks as one dataset in the schema of `comoe_peft.data`.
+    """Load built-in tasks as one dataset in the schema of `comoe_peft.experiments.data`.
 
     Args:
         spec: `"bigbench:navigate,synthetic:arithmetic"`, a list of such strings, or `"default"`.
         seed: seeds synthetic generation and the subset drawn when a task is larger than the cap.
         max_examples_per_task: cap per task (a seeded subset, in original order); `None` keeps all
             (synthetic tasks then have `SYNTHETIC_SIZE` rows).
-        cache_dir: cache folder for BIG-bench files; default `comoe_peft.cache.default_cache_dir()`.
+        cache_dir: cache folder for BIG-bench files; default `comoe_peft.experiments.cache.default_cache_dir()`.
     """
     if max_examples_per_task is not None and max_examples_per_task < 1:
         raise ValueError(f"max_examples_per_task must be >= 1 or None, got {max_examples_per_task}")

@@ -2,7 +2,7 @@
 
 Prompts follow the MoE-PEFT / MixLoRA framework the paper builds on: the question and its options labelled
 `(A)`, `(B)`, ... (BoolQ: `true` / `false`), and the answer is the option's label. `choices` holds the
-labels, so `comoe_peft.data.format_prompt` adds the label list and `Answer:`. As in that framework, BoolQ
+labels, so `comoe_peft.experiments.data.format_prompt` adds the label list and `Answer:`. As in that framework, BoolQ
 shows the question without its passage.
 
 | name | hub dataset (config) | columns read | eval split |

@@ -48,10 +48,10 @@ from .analysis_metrics import (
     routing_entropy,
 )
 from .data import format_prompt
-from .dora import contrasted_up_projection
-from .fused_down import route, router_dtype
-from .layer import CoMoELayer
-from .losses import NORM_EPS, contrastive_loss, sample_contrastive_indices
+from comoe_peft.tuner.dora import contrasted_up_projection
+from comoe_peft.tuner.fused_down import route, router_dtype
+from comoe_peft.tuner.layer import CoMoELayer
+from comoe_peft.tuner.losses import NORM_EPS, contrastive_loss, sample_contrastive_indices
 
 TOKENS_PER_MODULE_PER_BATCH = 256  # tokens kept per module and batch for the cosine and the contrastive loss
 JSON_FILE = "analysis.json"

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .files import default_permissions, write_json_atomic
+from comoe_peft.tuner.files import default_permissions, write_json_atomic
 
 RUN_CONFIG = "run_config.json"
 ADAPTER_DIR = "adapter"

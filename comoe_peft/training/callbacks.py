@@ -12,7 +12,9 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .files import write_json_atomic
+from comoe_peft.tuner.model import find_comoe_model
+
+from comoe_peft.tuner.files import write_json_atomic
 
 HISTORY_FILENAME = "expert_load_history.json"
 
@@ -44,8 +46,6 @@ class ExpertLoadHistoryCallback(TrainerCallback):
                     self.history = [e for e in json.load(handle)["history"] if e["step"] <= state.global_step]
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
-        from .trainer import find_comoe_model
-
         if model is None:
             return
         for name, stats in find_comoe_model(model).get_routing_stats().items():

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from datasets import Dataset, load_from_disk
 
-from . import __version__
-from .config import CoMoEConfig
+from comoe_peft import __version__
+from comoe_peft.tuner.config import CoMoEConfig
 from .data import format_prompt, load_examples, to_sft_dataset, train_test_split_per_task
-from .registration import write_loading_note
+from comoe_peft.tuner.registration import write_loading_note
 from .runs import (
     ADAPTER_DIR,
     ANALYSIS_DIR,
@@ -147,7 +147,7 @@ def load_mixture(options: TrainOptions) -> Dataset:
     """The examples to train and evaluate on: a user dataset (`--dataset`) or tasks (`--tasks`).
 
     Tasks are built-in (`bigbench:<task>`, `synthetic:<name>`) or the paper's benchmarks from the local Hugging Face
-    cache (`benchmark:arc-e`, ... see `comoe_peft.hub_datasets.BENCHMARKS`; their train split).
+    cache (`benchmark:arc-e`, ... see `comoe_peft.experiments.hub_datasets.BENCHMARKS`; their train split).
     """
     from datasets import concatenate_datasets
 
@@ -260,7 +260,7 @@ def train(options: TrainOptions) -> Path:
     """Fine-tune one method on the mixture and write a run folder; returns its path.
 
     With `save_steps` the run checkpoints every `save_steps` steps in `.RUN.partial/` and, started again with the
-    same options after a stop, resumes from its last checkpoint (`comoe_peft.runs.start_resumable_run`).
+    same options after a stop, resumes from its last checkpoint (`comoe_peft.experiments.runs.start_resumable_run`).
     """
     options = options.resolved()
     resumable = options.save_steps is not None
@@ -291,7 +291,7 @@ def train_into(options: TrainOptions, staging: Path, splits) -> None:
     """Train `options.method` (resuming from the last checkpoint in `staging`, if any) and write the run files."""
     import shutil
 
-    from .callbacks import CPUTimeCallback
+    from comoe_peft.training.callbacks import CPUTimeCallback
 
     quantization = quantization_kwargs(options.load_in_4bit, options.load_in_8bit)
     model_path, model, tokenizer = load_base_model(options.model, options.cache_dir, quantization)
@@ -359,7 +359,7 @@ def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, 
     """`CoMoESFTTrainer` for comoe / moe, TRL's `SFTTrainer` for lora, with the preset's settings."""
     from trl import SFTConfig, SFTTrainer
 
-    from .trainer import CoMoESFTConfig, CoMoESFTTrainer
+    from comoe_peft.training.trainer import CoMoESFTConfig, CoMoESFTTrainer
 
     on_gpu = torch.cuda.is_available()
     bf16 = options.bf16 if options.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()

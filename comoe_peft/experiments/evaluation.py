@@ -1,13 +1,13 @@
 """Evaluate a causal LM on task examples: multiple choice by log-likelihood, generation by exact match.
 
-Rows follow the project's example schema (see `comoe_peft.data`):
+Rows follow the project's example schema (see `comoe_peft.experiments.data`):
 
 ```text
 {"task": str, "prompt": str, "choices": list[str], "answer": str}
 ```
 
 `choices` is empty for generation tasks. The text the model sees is `prompt_fn(row)`
-(normally `comoe_peft.data.format_prompt`); it is a parameter so this module does not
+(normally `comoe_peft.experiments.data.format_prompt`); it is a parameter so this module does not
 depend on how prompts are formatted.
 
 Multiple choice: each choice is scored by the summed log-probability of the continuation

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    """`comoe-peft train`: fine-tune one method into a new run folder (`comoe_peft.jobs.train`)."""
+    """`comoe-peft train`: fine-tune one method into a new run folder (`comoe_peft.experiments.jobs.train`)."""
     from .jobs import TrainOptions, train
 
     options = TrainOptions(

@@ -140,7 +140,7 @@ class CoMoELayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     def _base_in_out_features(self) -> tuple[int, int]:
-        """(d_in, d_out) of the base layer; quantized layers (`comoe_peft.bnb`) override it."""
+        """(d_in, d_out) of the base layer; quantized layers (`comoe_peft.tuner.bnb`) override it."""
         return _get_in_out_features(self.get_base_layer())
 
     def update_layer(
@@ -157,7 +157,7 @@ class CoMoELayer(BaseTunerLayer):
     ) -> None:
         """Create (or replace) the experts and router of `adapter_name` on this layer.
 
-        `use_dora` gives every expert a magnitude vector (see `comoe_peft.dora`); `use_rslora` scales the experts by
+        `use_dora` gives every expert a magnitude vector (see `comoe_peft.tuner.dora`); `use_rslora` scales the experts by
         lora_alpha / sqrt(r) instead of lora_alpha / r.
         """
         num_experts = settings.num_experts

@@ -1,9 +1,9 @@
 """`RoutingHistoryCallback`: routing entropy and JS divergence between tasks at chosen steps of a training run.
 
-At each step of `steps` the callback runs `comoe_peft.analysis.analyze_model` (the same metrics as
+At each step of `steps` the callback runs `comoe_peft.experiments.analysis.analyze_model` (the same metrics as
 `comoe-peft analyze`, one implementation) on a small fixed probe set of held-out examples per task, and keeps the
 summary. The history is written as `routing_history.json` into every checkpoint (read back on resume) and, by
-`comoe_peft.jobs.train`, into the run folder. Format:
+`comoe_peft.experiments.jobs.train`, into the run folder. Format:
 
 ```text
 {"steps": [...], "history": [{"step": 25, "routing_entropy": .., "mean_js_between_tasks": .., "load_cv": ..,
@@ -22,7 +22,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .files import write_json_atomic
+from comoe_peft.tuner.files import write_json_atomic
 from .runs import ROUTING_HISTORY
 
 SUMMARY_KEYS = ("routing_entropy", "mean_js_between_tasks", "load_cv")

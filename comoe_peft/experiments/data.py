@@ -23,7 +23,7 @@ folder written by `Dataset.save_to_disk`, or a Hugging Face hub dataset id, and 
 What the model sees: `format_prompt(row)` is the prompt and `" " + answer` the completion:
 
 ```python
-from comoe_peft.data import format_prompt
+from comoe_peft.experiments.data import format_prompt
 
 rows = [
     {"task": "sentiment", "prompt": "Review: great food, slow service.",
