@@ -13,6 +13,7 @@ from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 from datasets import Dataset
 from peft import get_peft_model
 
+import comoe_peft.tuner.model
 from comoe_peft import CoMoEConfig
 from comoe_peft.experiments.analysis import (
     analyze_model,
@@ -223,6 +224,8 @@ def test_module_names():
     assert layer_index("model.layers.12.self_attn.q_proj") == 12
     assert layer_index("transformer.h.0.attn.c_attn") == 0
     assert layer_index("lm_adapter") is None
+    assert layer_index("model.layers.1.mlp.experts.0.up_proj") == 1  # the first index (peft's rule), not the last
+    assert layer_index is comoe_peft.tuner.model.layer_index  # one helper, also behind contrastive_layers
     assert projection_name("model.layers.12.self_attn.q_proj") == "q_proj"
 
 

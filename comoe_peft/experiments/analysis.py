@@ -47,11 +47,12 @@ from .analysis_metrics import (
     pairwise_js_matrix,
     routing_entropy,
 )
-from .data import format_prompt
+from .data import format_prompt, pad_token_id
 from comoe_peft.tuner.dora import contrasted_up_projection
 from comoe_peft.tuner.fused_down import route, router_dtype
 from comoe_peft.tuner.layer import CoMoELayer
 from comoe_peft.tuner.losses import NORM_EPS, contrastive_loss, sample_contrastive_indices
+from comoe_peft.tuner.model import layer_index
 
 TOKENS_PER_MODULE_PER_BATCH = 256  # tokens kept per module and batch for the cosine and the contrastive loss
 JSON_FILE = "analysis.json"
@@ -238,12 +239,6 @@ def _short_name(name: str) -> str:
     return name.removeprefix("base_model.model.")
 
 
-def layer_index(module_name: str) -> int | None:
-    """The block index in a module name (`model.layers.3.self_attn.q_proj` -> 3), or None."""
-    match = re.search(r"\.(\d+)(?:\.|$)", module_name)
-    return int(match.group(1)) if match else None
-
-
 def projection_name(module_name: str) -> str:
     """The projection type of a module (`model.layers.3.self_attn.q_proj` -> `q_proj`)."""
     return module_name.rsplit(".", 1)[-1]
@@ -278,11 +273,6 @@ def _right_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, to
         ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[i, : len(seq)] = 1
     return ids, mask
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else pad  # padded positions are masked out, any id works
 
 
 def _forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
@@ -353,7 +343,7 @@ def analyze_model(
     by_task = _rows_by_task(dataset, max_examples_per_task, seed)
     recorder = _Recorder(layers, adapter, temperature, seed)
     device = next(model.parameters()).device
-    pad_id, forward_kwargs = _pad_id(tokenizer), _forward_kwargs(model)
+    pad_id, forward_kwargs = pad_token_id(tokenizer), _forward_kwargs(model)
 
     was_training = model.training
     model.eval()
