@@ -188,7 +188,8 @@ def test_a_missing_experiments_package_is_one_line_exit_2(tmp_path, capsys, monk
         monkeypatch.setitem(sys.modules, module, None)  # `import scipy...` raises ModuleNotFoundError
     assert main(["analyze", str(tmp_path)]) == 2
     line = error_line(capsys)
-    assert "'scipy' is not installed" in line and 'pip install "comoe-peft[experiments]"' in line
+    assert "needs the experiments extra, which is not installed (missing: scipy)" in line
+    assert 'pip install "comoe-peft[experiments]"' in line
 
 
 def test_the_extra_is_checked_from_the_installed_metadata_before_any_work(tmp_path, capsys, monkeypatch):
@@ -207,7 +208,7 @@ def test_the_extra_is_checked_from_the_installed_metadata_before_any_work(tmp_pa
     assert cli.missing_extra_packages() == ["matplotlib"]  # pytest belongs to another extra
     monkeypatch.setattr(cli, "run_train", lambda args: pytest.fail("the command started"))
     assert main(["train", "--output-dir", str(tmp_path / "run")]) == 2
-    assert "'matplotlib' is not installed; the command needs the experiments extra" in error_line(capsys)
+    assert "(missing: matplotlib); install it with pip install" in error_line(capsys)
 
 
 def test_a_missing_package_outside_the_extra_is_not_blamed_on_it(tmp_path, monkeypatch):

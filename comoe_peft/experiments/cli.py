@@ -165,10 +165,10 @@ def missing_extra_packages(extra: str = EXTRA) -> list[str]:
     return missing
 
 
-def missing_package_message(package: str) -> str:
-    """The one-line error for a missing package of the experiments extra."""
-    return (f"comoe-peft: error: the package '{package}' is not installed; the command needs the {EXTRA} extra: "
-            f"{EXTRA_HINT}")
+def missing_package_message(packages: Sequence[str]) -> str:
+    """The one-line error for missing packages of the experiments extra."""
+    return (f"comoe-peft: error: the command needs the {EXTRA} extra, which is not installed (missing: "
+            f"{', '.join(packages)}); install it with {EXTRA_HINT}")
 
 
 @contextlib.contextmanager
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         missing = missing_extra_packages()
         if missing:
-            print(missing_package_message(", ".join(missing)), file=sys.stderr)
+            print(missing_package_message(missing), file=sys.stderr)
             return EXIT_USAGE
         with progress_messages():
             handlers[args.command](args)
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as error:
         if args.debug or (error.name or "").split(".")[0] not in EXTRA_MODULES:
             raise
-        print(missing_package_message(error.name.split(".")[0]), file=sys.stderr)
+        print(missing_package_message([error.name.split(".")[0]]), file=sys.stderr)
         return EXIT_USAGE
     return 0
 
