@@ -131,8 +131,9 @@ def fetch_bigbench_tasks(
     _check_known(names, _read_index(root), root)
     missing = [name for name in names if not _is_extracted(root, name)]
     if missing:
+        sdist = _ensure_sdist(root, download)
         logger.info("extracting BIG-bench task files %s into %s", missing, root)
-        available = _extract(_ensure_sdist(root, download), root, missing)
+        available = _extract(sdist, root, missing)
         _check_known(missing, available, root)
     return {name: _task_files(root, name) for name in names}
 
