@@ -13,14 +13,18 @@ from conftest import tiny_gpt2, tiny_llama, tiny_tokenizer
 from datasets import Dataset
 from peft import get_peft_model
 
+import comoe_peft.tuner.model
 from comoe_peft import CoMoEConfig
 from comoe_peft.experiments.analysis import (
     analyze_model,
+    expert_load_figures,
     expert_outputs_cosine,
+    js_matrix_figure,
     layer_index,
     plot_expert_load,
     plot_js_matrix,
     projection_name,
+    short_task_name,
     write_report,
 )
 from comoe_peft.experiments.analysis_metrics import mean_pairwise_cosine
@@ -223,6 +227,8 @@ def test_module_names():
     assert layer_index("model.layers.12.self_attn.q_proj") == 12
     assert layer_index("transformer.h.0.attn.c_attn") == 0
     assert layer_index("lm_adapter") is None
+    assert layer_index("model.layers.1.mlp.experts.0.up_proj") == 1  # the first index (peft's rule), not the last
+    assert layer_index is comoe_peft.tuner.model.layer_index  # one helper, also behind contrastive_layers
     assert projection_name("model.layers.12.self_attn.q_proj") == "q_proj"
 
 
@@ -294,3 +300,60 @@ def test_dora_experts_with_a_different_number_of_experts_per_layer(tokenizer):
     expected = q_proj.comoe_B["default"] * scales.t().repeat_interleave(4, dim=1)
     torch.testing.assert_close(scaled, expected)
     assert not torch.allclose(scaled, q_proj.comoe_B["default"])
+
+
+def fake_result(tasks, num_layers=30, num_experts=4, js_scale=0.03):
+    """A result dict of the shape `analyze_model` returns, enough for the plots."""
+    rng = np.random.default_rng(0)
+    per_module = {}
+    for layer in range(num_layers):
+        loads = {t: (rng.dirichlet(np.ones(num_experts))).tolist() for t in tasks}
+        per_module[f"model.layers.{layer}.self_attn.q_proj"] = {
+            "layer": layer, "projection": "q_proj", "tasks": {t: {"expert_load": loads[t]} for t in tasks}}
+    js = rng.uniform(0, js_scale, (len(tasks), len(tasks)))
+    js = np.triu(js, 1) + np.triu(js, 1).T
+    return {"js_matrix": {"tasks": list(tasks), "values": js.tolist()}, "per_module": per_module}
+
+
+DEFAULT_TASK_NAMES = ["bigbench:multiemo/all_sentence_en", "bigbench:epistemic_reasoning",
+                      "bigbench:sports_understanding", "bigbench:navigate", "bigbench:arithmetic/3_digit_addition"]
+
+
+def test_short_task_names_drop_the_source_and_wrap():
+    assert short_task_name("bigbench:navigate") == "navigate"
+    assert short_task_name("bigbench:multiemo/all_sentence_en") == "multiemo/\nall_sentence_en"
+    assert short_task_name("task | c") == "task | c"  # not a source:name string: left alone
+    for task in DEFAULT_TASK_NAMES:
+        assert all(len(line) <= 16 for line in short_task_name(task).splitlines()), task
+
+
+def test_expert_load_titles_do_not_overlap():
+    import matplotlib.pyplot as plt
+
+    (figure,) = expert_load_figures(fake_result(DEFAULT_TASK_NAMES)).values()
+    try:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        panels = [axis for axis in figure.axes if axis.get_title()]
+        assert [axis.get_title() for axis in panels] == [short_task_name(t) for t in DEFAULT_TASK_NAMES]
+        boxes = [axis.title.get_window_extent(renderer) for axis in panels]
+        for left, right in zip(boxes, boxes[1:]):
+            assert left.x1 < right.x0, "neighbouring titles overlap"
+        assert all(box.x0 >= 0 and box.x1 <= figure.bbox.width for box in boxes)
+    finally:
+        plt.close(figure)
+
+
+def test_js_colour_scale_is_fitted_to_the_data():
+    import matplotlib.pyplot as plt
+
+    result = fake_result(DEFAULT_TASK_NAMES, js_scale=0.04)
+    figure = js_matrix_figure(result)
+    try:
+        image = figure.axes[0].images[0]
+        assert image.get_clim() == (0.0, pytest.approx(np.max(result["js_matrix"]["values"])))
+        assert image.get_clim()[1] < 0.04 < math.log(2)
+        colourbar = figure.axes[1]
+        assert "max" in colourbar.get_ylabel() and "nats" in colourbar.get_ylabel()
+    finally:
+        plt.close(figure)

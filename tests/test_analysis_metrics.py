@@ -87,3 +87,14 @@ def test_infonce_bound():
     assert infonce_bound(4, torch.tensor(0.5)) == pytest.approx(math.log(4) - 0.5)
     with pytest.raises(ValueError, match="num_negatives"):
         infonce_bound(0, 1.0)
+
+
+def test_jensen_shannon_is_the_divergence_not_scipys_distance():
+    from scipy.spatial.distance import jensenshannon
+
+    p, q = [0.7, 0.2, 0.1], [0.1, 0.3, 0.6]
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    by_hand = sum(0.5 * a * math.log(a / c) + 0.5 * b * math.log(b / c) for a, b, c in zip(p, q, m))
+    assert jensen_shannon(p, q) == pytest.approx(by_hand)
+    assert jensen_shannon(p, q) == pytest.approx(jensenshannon(p, q) ** 2)
+    assert jensen_shannon(p, q) != pytest.approx(jensenshannon(p, q))

@@ -178,3 +178,57 @@ def test_run_folders_and_files_get_ordinary_permissions(tmp_path):
         assert json.loads((staging / "x.json").read_text()) == {"a": 1}
     finally:
         os.umask(old)
+
+
+def test_a_missing_experiments_package_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """Simulated: scipy cannot be imported (the library was installed without the experiments extra)."""
+    for module in ("comoe_peft.experiments.analysis", "comoe_peft.experiments.analysis_metrics"):
+        monkeypatch.delitem(sys.modules, module, raising=False)  # imported again, and failing, by the command
+    for module in ["scipy", *[m for m in sys.modules if m.startswith("scipy.")]]:
+        monkeypatch.setitem(sys.modules, module, None)  # `import scipy...` raises ModuleNotFoundError
+    assert main(["analyze", str(tmp_path)]) == 2
+    line = error_line(capsys)
+    assert "needs the experiments extra, which is not installed (missing: scipy)" in line
+    assert 'pip install "comoe-peft[experiments]"' in line
+
+
+def test_the_extra_is_checked_from_the_installed_metadata_before_any_work(tmp_path, capsys, monkeypatch):
+    from comoe_peft.experiments import cli
+
+    requires = ['torch>=2.6', 'matplotlib>=3.8; extra == "experiments"', 'pytest>=8; extra == "test"']
+    monkeypatch.setattr(cli.importlib.metadata, "requires", lambda name: requires)
+    real_distribution = cli.importlib.metadata.distribution
+
+    def distribution(name):
+        if name in ("matplotlib", "pytest"):
+            raise cli.importlib.metadata.PackageNotFoundError(name)
+        return real_distribution(name)
+
+    monkeypatch.setattr(cli.importlib.metadata, "distribution", distribution)
+    assert cli.missing_extra_packages() == ["matplotlib"]  # pytest belongs to another extra
+    monkeypatch.setattr(cli, "run_train", lambda args: pytest.fail("the command started"))
+    assert main(["train", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "(missing: matplotlib); install it with pip install" in error_line(capsys)
+
+
+def test_a_missing_package_outside_the_extra_is_not_blamed_on_it(tmp_path, monkeypatch):
+    from comoe_peft.experiments import cli
+
+    def run_train(args):
+        raise ModuleNotFoundError("No module named 'bitsandbytes'", name="bitsandbytes")
+
+    monkeypatch.setattr(cli, "run_train", run_train)
+    with pytest.raises(ModuleNotFoundError):
+        main(["train", "--output-dir", str(tmp_path / "run")])
+
+
+def test_downloads_are_announced_on_stderr(tmp_path, capsys, monkeypatch):
+    import logging
+
+    from comoe_peft.experiments import cli
+
+    monkeypatch.setattr(cli, "run_train", lambda args: logging.getLogger("comoe_peft.experiments.tasks").info(
+        "downloading BIG-bench task data (358 MB) into X; once"))
+    assert main(["train", "--output-dir", str(tmp_path / "run")]) == 0
+    assert "downloading BIG-bench task data (358 MB) into X; once" in capsys.readouterr().err
+    assert not [h for h in logging.getLogger("comoe_peft").handlers]  # the handler is removed afterwards

@@ -17,6 +17,7 @@ from comoe_peft.experiments.data import (
     format_example,
     format_prompt,
     load_examples,
+    pad_token_id,
     to_sft_dataset,
     train_test_split_per_task,
     validate_examples,
@@ -234,3 +235,13 @@ def test_chat_template_only_when_asked() -> None:
 def test_chat_template_needs_a_tokenizer_with_one() -> None:
     with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
         to_sft_dataset(Dataset.from_list([GEN], features=data.EXAMPLE_FEATURES), use_chat_template=True)
+
+
+def test_pad_token_id_falls_back_to_eos_and_else_says_what_to_set():
+    from types import SimpleNamespace
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=3, eos_token_id=7)) == 3
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
+    assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=7)) == 0  # id 0 is a real pad id
+    with pytest.raises(ValueError, match="tokenizer.pad_token"):
+        pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))

@@ -232,3 +232,16 @@ def test_bf16_model_is_finite_at_initialisation(batch):
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.base_model.model.model.layers[0].self_attn.q_proj.comoe_A["default"].dtype == torch.float32
+
+
+def test_aux_loss_weighting_lives_in_the_tuner_and_takes_overrides(batch):
+    model = comoe(tiny_llama(), contrastive_loss_coef=0.1, router_aux_loss_coef=0.02, router_z_loss_coef=0.003)
+    model.train()
+    model(**batch)
+    losses, tuner = model.base_model.get_aux_losses(), model.base_model
+    expected = 0.1 * losses["contrastive"] + 0.02 * losses["balance"] + 0.003 * losses["z"]
+    torch.testing.assert_close(tuner.get_aux_loss(), expected)
+    overridden = tuner.get_aux_loss({"contrastive": 0.0, "balance": None, "z": 1.0})  # None keeps the config's
+    torch.testing.assert_close(overridden, 0.02 * losses["balance"] + 1.0 * losses["z"])
+    assert tuner.get_aux_loss({"contrastive": 0.0, "balance": 0.0, "z": 0.0}) is None
+    assert tuner.aux_loss_coefficients("default", {"z": 0.5}) == {"contrastive": 0.1, "balance": 0.02, "z": 0.5}

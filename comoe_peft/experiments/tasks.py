@@ -131,8 +131,9 @@ def fetch_bigbench_tasks(
     _check_known(names, _read_index(root), root)
     missing = [name for name in names if not _is_extracted(root, name)]
     if missing:
-        logger.info("Extracting BIG-bench task files %s into %s", missing, root)
-        available = _extract(_ensure_sdist(root, download), root, missing)
+        sdist = _ensure_sdist(root, download)
+        logger.info("extracting BIG-bench task files %s into %s", missing, root)
+        available = _extract(sdist, root, missing)
         _check_known(missing, available, root)
     return {name: _task_files(root, name) for name in names}
 
@@ -142,12 +143,13 @@ def _ensure_sdist(root: Path, download: Downloader) -> Path:
     if sdist.is_file():
         return sdist
     sdist.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("Downloading the BIG-bench data (%s, 358 MB) into %s", SDIST_NAME, sdist.parent)
+    logger.info("downloading BIG-bench task data (%s, 358 MB) into %s; once", SDIST_NAME, sdist.parent)
     with tempfile.TemporaryDirectory(dir=root, prefix="download-") as tmp:
         download(Path(tmp))
         if not (Path(tmp) / SDIST_NAME).is_file():
             raise RuntimeError(f"the BIG-bench download did not produce {SDIST_NAME}")
         os.replace(Path(tmp) / SDIST_NAME, sdist)
+    logger.info("downloaded %s", sdist)
     return sdist
 
 

@@ -121,12 +121,11 @@ class CoMoETrainerMixin:
 
     def comoe_loss_coefficients(self) -> dict[str, float]:
         """The coefficient of each auxiliary loss: the `comoe_*` argument if set, else the active adapter's config."""
-        config = self.comoe_model.peft_config[self.comoe_model.active_adapters[0]]
-        coefficients = {}
-        for name, config_field in AUX_LOSS_COEF_FIELDS.items():
-            override = getattr(self.args, f"comoe_{config_field}", None)
-            coefficients[name] = float(getattr(config, config_field) if override is None else override)
-        return coefficients
+        return self.comoe_model.aux_loss_coefficients(self.comoe_model.active_adapters[0], self._comoe_overrides())
+
+    def _comoe_overrides(self) -> dict[str, float | None]:
+        """The `comoe_*` coefficient arguments by loss name (None: not set, the adapter's config decides)."""
+        return {name: getattr(self.args, f"comoe_{field}", None) for name, field in AUX_LOSS_COEF_FIELDS.items()}
 
     def _refuse_reentrant_checkpointing(self) -> None:
         kwargs = self.args.gradient_checkpointing_kwargs or {}
@@ -158,20 +157,12 @@ class CoMoETrainerMixin:
             )
         loss, outputs = result if return_outputs else (result, None)
         aux_losses = self.comoe_model.get_aux_losses()
-        weighted = self._weighted_aux_loss(aux_losses)
+        weighted = self.comoe_model.get_aux_loss(self._comoe_overrides())  # the tuner weights them, one place
         if weighted is not None and model.training:
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + weighted / steps
         self._record_comoe_metrics(aux_losses, "train" if model.training else "eval")
         return (loss, outputs) if return_outputs else loss
-
-    def _weighted_aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        total = None
-        for name, coefficient in self.comoe_loss_coefficients().items():
-            if coefficient > 0 and name in aux_losses:
-                term = coefficient * aux_losses[name]
-                total = term if total is None else total + term
-        return total
 
     def _record_comoe_metrics(self, aux_losses: dict[str, torch.Tensor], mode: str) -> None:
         values = {name: loss.detach() for name, loss in aux_losses.items()}

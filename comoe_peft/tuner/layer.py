@@ -394,7 +394,7 @@ def routing_stats(probs: torch.Tensor, topk_idx: torch.Tensor, token_mask: torch
     slot_weights = weights.unsqueeze(1).expand_as(topk_idx).reshape(-1)  # (T*k,)
     load = torch.zeros(num_experts, device=probs.device).scatter_add_(0, topk_idx.reshape(-1), slot_weights)
     load = load / load.sum().clamp_min(1e-9)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)  # (T,)
+    entropy = torch.special.entr(probs).sum(dim=-1)  # (T,): -sum p log p, with 0 log 0 = 0
     return RoutingStats(load, masked_mean(entropy, weights), weights.sum())
 
 

@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+from .fused_down import router_dtype
+
 CONTRASTIVE_EPS = 1e-3  # the epsilon of the paper's Algorithm 1, added to the softmax denominator
 NORM_EPS = 1e-6  # an expert output shorter than this has no direction: its cosines are 0 and pass no gradient
 # Up to this many expert columns (N*r), sampled negatives use the dense anchor-against-all-experts GEMM too and pick
@@ -123,12 +125,8 @@ def expert_gram_matrix(expert_up: torch.Tensor) -> torch.Tensor:
     Built in float32 even for half-precision weights: at initialisation B = 0 and the cosine's gradient with
     respect to G is huge, which would overflow float16 before it is multiplied by B = 0.
     """
-    up = expert_up.to(_compute_dtype(expert_up.dtype))
+    up = expert_up.to(router_dtype(expert_up.dtype))
     return up.t() @ up
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _cosines(dots: torch.Tensor, squared_a: torch.Tensor, squared_b: torch.Tensor) -> torch.Tensor:

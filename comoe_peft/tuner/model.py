@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -152,20 +152,35 @@ class CoMoEModel(BaseTuner):
                     collected.setdefault(name, []).append(value)
         return {name: torch.stack(values).mean() for name, values in collected.items()}
 
-    def get_aux_loss(self) -> torch.Tensor | None:
+    def get_aux_loss(self, coefficients: Mapping[str, float | None] | None = None) -> torch.Tensor | None:
         """The weighted sum of the auxiliary losses of the last forward, with each active adapter's coefficients.
 
         Add it to the task loss in a custom training loop (`CoMoESFTTrainer` does this for you). None if nothing
         was recorded (eval mode, or every coefficient is zero).
+
+        Args:
+            coefficients: optional overrides by loss name ("contrastive", "balance", "z"), applied to every active
+                adapter; a missing name or None keeps the adapter config's coefficient (the trainer's `comoe_*`
+                arguments arrive here).
         """
         total: torch.Tensor | None = None
         for adapter_name in self.active_adapters:
-            config = self.peft_config[adapter_name]
+            weights = self.aux_loss_coefficients(adapter_name, coefficients)
             for name, value in self._adapter_aux_losses(adapter_name).items():
-                coef = getattr(config, AUX_LOSS_COEF_FIELDS[name])
-                if coef > 0:
-                    total = coef * value if total is None else total + coef * value
+                if weights[name] > 0:
+                    total = weights[name] * value if total is None else total + weights[name] * value
         return total
+
+    def aux_loss_coefficients(
+        self, adapter_name: str, overrides: Mapping[str, float | None] | None = None
+    ) -> dict[str, float]:
+        """The coefficient of each auxiliary loss for `adapter_name`: the override if given, else its config's."""
+        config = self.peft_config[adapter_name]
+        overrides = overrides or {}
+        return {
+            name: float(getattr(config, field) if overrides.get(name) is None else overrides[name])
+            for name, field in AUX_LOSS_COEF_FIELDS.items()
+        }
 
     def _adapter_aux_losses(self, adapter_name: str) -> dict[str, torch.Tensor]:
         collected: dict[str, list[torch.Tensor]] = {}
