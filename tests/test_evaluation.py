@@ -1,25 +1,15 @@
-"""Evaluation: choice log-likelihoods, batching and padding invariance, generation, accuracy bookkeeping."""
+"""Evaluation through lm-evaluation-harness: the tasks written from a run's examples, lm-eval's predictions against a
+per-row reference scorer, `comoe-peft eval` end to end and its errors, the results table."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from comoe_peft.experiments import evaluation
-from comoe_peft.experiments.evaluation import (
-    choice_loglikelihoods,
-    clean_generation,
-    encode_pair,
-    evaluate,
-    format_table,
-    generate_answers,
-    score_choices,
-    split_context_continuation,
-)
+from comoe_peft.experiments.evaluation import format_table
 
 CORPUS = [
     "Question: is the sky blue? Answer: yes",
@@ -30,10 +20,6 @@ CORPUS = [
     "the cat sat on the mat",
     "maybe yes maybe no",
 ] * 5
-
-
-def prompt_fn(row: dict) -> str:
-    return f"{row['prompt']}\nAnswer:"
 
 
 @pytest.fixture(scope="module")
@@ -78,22 +64,7 @@ MC_ROWS = [
 ]
 
 
-# tokenisation at the prompt / choice boundary
-
-
-def test_split_moves_trailing_space_into_the_continuation():
-    assert split_context_continuation("Answer: ", "yes") == ("Answer:", " yes")
-    assert split_context_continuation("Answer:", "yes") == ("Answer:", " yes")
-    assert split_context_continuation("Answer:\n", "yes") == ("Answer:\n", "yes")
-
-
-def test_encode_pair_keeps_the_whole_text_tokenisation(tokenizer):
-    ctx, cont = encode_pair(tokenizer, "Answer:", " yes")
-    assert ctx + cont == tokenizer("Answer: yes").input_ids
-    assert tokenizer.convert_ids_to_tokens(cont) == ["Ġyes"]
-
-
-# log-likelihood scoring
+# the reference scorer: one unpadded forward per (prompt, choice), one generate per prompt
 
 
 def _reference_loglikelihood(model, tokenizer, prompt: str, choice: str) -> float:
@@ -104,194 +75,6 @@ def _reference_loglikelihood(model, tokenizer, prompt: str, choice: str) -> floa
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), dim=-1)
     return sum(logp[t - 1, full[t]].item() for t in range(len(ctx), len(full)))
-
-
-def test_loglikelihoods_match_an_unpadded_reference(model, tokenizer):
-    scores = choice_loglikelihoods(model, tokenizer, MC_ROWS, prompt_fn, batch_size=16)
-    for row, row_scores in zip(MC_ROWS, scores):
-        expected = [_reference_loglikelihood(model, tokenizer, prompt_fn(row), c) for c in row["choices"]]
-        assert row_scores == pytest.approx(expected, abs=1e-4)
-
-
-def test_choices_share_their_prompt_s_cache(model, tokenizer, monkeypatch):
-    """A model with a key-value cache runs each prompt once; the full-sequence fallback is not used."""
-    calls = []
-    monkeypatch.setattr(evaluation, "_continuation_logprobs", lambda *a: pytest.fail("fallback used"))
-    original_forward = model.forward
-
-    def counting_forward(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape)
-        return original_forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", counting_forward)
-    choice_loglikelihoods(model, tokenizer, MC_ROWS, prompt_fn, batch_size=16)
-    assert calls[0][0] == len(MC_ROWS), "one sequence per prompt, not one per (prompt, choice)"
-    assert len(calls) <= 2
-
-
-def test_batched_scores_equal_per_row_scores(model, tokenizer):
-    batched = choice_loglikelihoods(model, tokenizer, MC_ROWS, prompt_fn, batch_size=16)
-    for row, row_scores in zip(MC_ROWS, batched):
-        alone = choice_loglikelihoods(model, tokenizer, [row], prompt_fn, batch_size=1)[0]
-        assert len(alone) == len(row["choices"])
-        assert row_scores == pytest.approx(alone, abs=1e-4)
-
-
-def test_padding_does_not_change_scores(model, tokenizer):
-    short, long = MC_ROWS[3], MC_ROWS[2]
-    alone = choice_loglikelihoods(model, tokenizer, [short], prompt_fn, batch_size=1)[0]
-    # in one batch with a much longer row, the short row's sequences are right-padded
-    padded = choice_loglikelihoods(model, tokenizer, [short, long], prompt_fn, batch_size=8)[0]
-    assert padded == pytest.approx(alone, abs=1e-4)
-    assert all(s < 0 for s in alone)
-
-
-def test_scoring_restores_training_mode(model, tokenizer):
-    model.train()
-    try:
-        score_choices(model, tokenizer, MC_ROWS[:1], prompt_fn)
-        assert model.training
-    finally:
-        model.eval()
-
-
-def test_rows_without_choices_are_rejected(model, tokenizer):
-    row = {"task": "gen", "prompt": "Add 2 and 3.", "choices": [], "answer": "5"}
-    with pytest.raises(ValueError, match="generate_answers"):
-        score_choices(model, tokenizer, [row], prompt_fn)
-
-
-# a stub model that prefers known tokens
-
-
-class PreferTokens(torch.nn.Module):
-    """Logits +10 for the given token ids at every position, 0 elsewhere."""
-
-    def __init__(self, vocab: int, preferred: list[int]):
-        super().__init__()
-        self.bias = torch.nn.Parameter(torch.zeros(vocab))
-        with torch.no_grad():
-            self.bias[preferred] = 10.0
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))  # no key-value cache
-
-
-@pytest.fixture
-def prefers_yes(tokenizer):
-    return PreferTokens(len(tokenizer), tokenizer(" yes").input_ids)
-
-
-def test_score_choices_picks_the_preferred_choice(prefers_yes, tokenizer):
-    rows = [
-        {"task": "t", "prompt": "p", "choices": ["no", "yes"], "answer": "yes"},
-        {"task": "t", "prompt": "q", "choices": ["yes", "no", "maybe"], "answer": "no"},
-    ]
-    assert score_choices(prefers_yes, tokenizer, rows, prompt_fn, batch_size=2) == [1, 0]
-
-
-def test_evaluate_counts_accuracy_per_task(prefers_yes, tokenizer, monkeypatch):
-    yes_no = lambda answer: {"choices": ["yes", "no"], "answer": answer}
-    rows = [
-        {"task": "a", "prompt": "1", **yes_no("yes")},
-        {"task": "a", "prompt": "2", **yes_no("no")},
-        {"task": "a", "prompt": "3", **yes_no("yes")},
-        {"task": "b", "prompt": "4", **yes_no("no")},
-        {"task": "gen", "prompt": "x", "choices": [], "answer": " 5 "},
-        {"task": "gen", "prompt": "y", "choices": [], "answer": "7"},
-    ]
-    generated = {"x\nAnswer:": "5", "y\nAnswer:": "8"}
-    monkeypatch.setattr(evaluation, "generate_answers", lambda m, t, rs, fn, *a, **k: [generated[fn(r)] for r in rs])
-    results = evaluate(prefers_yes, tokenizer, rows, prompt_fn, batch_size=3, progress=False)
-    assert results["a"] == {"accuracy": pytest.approx(2 / 3), "n": 3, "kind": "multiple_choice"}
-    assert results["b"] == {"accuracy": 0.0, "n": 1, "kind": "multiple_choice"}
-    assert results["gen"] == {"accuracy": 0.5, "n": 2, "kind": "generation"}
-    assert results["overall"]["accuracy"] == pytest.approx((2 / 3 + 0.0 + 0.5) / 3)
-    assert results["overall"]["n"] == 6
-
-
-def test_evaluate_rejects_bad_rows(prefers_yes, tokenizer):
-    mixed = [
-        {"task": "a", "prompt": "1", "choices": ["yes"], "answer": "yes"},
-        {"task": "a", "prompt": "2", "choices": [], "answer": "yes"},
-    ]
-    with pytest.raises(ValueError, match="mixes"):
-        evaluate(prefers_yes, tokenizer, mixed, prompt_fn, progress=False)
-    not_a_choice = [{"task": "a", "prompt": "1", "choices": ["yes", "no"], "answer": "perhaps"}]
-    with pytest.raises(ValueError, match="not one of the choices"):
-        evaluate(prefers_yes, tokenizer, not_a_choice, prompt_fn, progress=False)
-    with pytest.raises(ValueError, match="empty"):
-        evaluate(prefers_yes, tokenizer, [], prompt_fn, progress=False)
-
-
-# generation
-
-
-def test_clean_generation_cuts_at_newline():
-    assert clean_generation("  5 \nQuestion: next") == "5"
-    assert clean_generation("\nfoo") == ""
-
-
-def test_batched_generation_equals_one_by_one(model, tokenizer):
-    rows = [
-        {"task": "g", "prompt": "Add 2 and 3.", "choices": [], "answer": "5"},
-        {
-            "task": "g",
-            "prompt": "Review: a great film with a boring plot, the cat sat on the mat.",
-            "choices": [],
-            "answer": "x",
-        },
-        {"task": "g", "prompt": "the cat", "choices": [], "answer": "y"},
-    ]
-    batched = generate_answers(model, tokenizer, rows, prompt_fn, max_new_tokens=6, batch_size=3)
-    alone = [generate_answers(model, tokenizer, [r], prompt_fn, max_new_tokens=6, batch_size=1)[0] for r in rows]
-    assert batched == alone
-    assert all("\n" not in text and text == text.strip() for text in batched)
-
-
-# table
-
-
-def test_format_table_single_and_several_methods():
-    one = {
-        "b": {"accuracy": 0.5, "n": 2, "kind": "generation"},
-        "a": {"accuracy": 0.25, "n": 4, "kind": "multiple_choice"},
-        "overall": {"accuracy": 0.375, "n": 6, "kind": "macro_mean"},
-    }
-    lines = format_table(one).splitlines()
-    assert lines[0].split() == ["task", "kind", "n", "accuracy"]
-    assert [line.split()[0] for line in lines[2:]] == ["a", "b", "overall"]
-    assert lines[2].split()[-1] == "0.250"
-
-    other = {"a": {"accuracy": 1.0, "n": 4, "kind": "multiple_choice"}}
-    lines = format_table({"comoe": one, "lora": other}).splitlines()
-    assert lines[0].split() == ["task", "kind", "n", "comoe", "lora"]
-    assert lines[2].split()[-2:] == ["0.250", "1.000"]
-    assert lines[3].split()[-2:] == ["0.500", "-"]
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama-comoe"])
-def test_shared_prompt_scores_equal_full_sequence_scores(arch, tokenizer, monkeypatch):
-    """Other architectures and a peft-wrapped CoMoE model: the cached path gives the full-sequence scores."""
-    from conftest import tiny_gpt2, tiny_llama
-
-    if arch == "gpt2":
-        model = tiny_gpt2(vocab=len(tokenizer)).eval()
-    else:
-        from peft import get_peft_model
-
-        from comoe_peft import CoMoEConfig
-
-        config = CoMoEConfig(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, r=4, init_weights=False)
-        model = get_peft_model(tiny_llama(vocab=len(tokenizer)), config).eval()
-    cached = choice_loglikelihoods(model, tokenizer, MC_ROWS, prompt_fn, batch_size=3)
-    monkeypatch.setattr(evaluation, "_shared_context_logprobs", lambda *a: None)  # force the fallback
-    full = choice_loglikelihoods(model, tokenizer, MC_ROWS, prompt_fn, batch_size=3)
-    for a, b in zip(cached, full):
-        assert a == pytest.approx(b, abs=1e-4)
-
-
-# lm-evaluation-harness: the run's examples as lm-eval tasks
 
 
 def _reference_generation(model, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:
@@ -366,9 +149,9 @@ def test_written_tasks_refuse_bad_rows(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "llama-comoe"])
 def test_lm_eval_predicts_like_the_reference_scorer(arch, model, tokenizer, tmp_path):
-    """Same prompts, same log-likelihood choice and greedy exact match as a per-row unpadded reference (and as the
-    old hand-written scorer), on a plain and on a peft-wrapped CoMoE model: every task at exactly 0.5."""
-    from comoe_peft.experiments.data import format_prompt
+    """Same prompts, same log-likelihood choice and greedy exact match as a per-row unpadded reference (what the
+    removed hand-written scorer computed, batched), on a plain and on a peft-wrapped CoMoE model: every task at
+    exactly 0.5."""
     from comoe_peft.experiments.lm_eval_tasks import evaluate_examples
 
     if arch == "llama-comoe":
@@ -387,8 +170,6 @@ def test_lm_eval_predicts_like_the_reference_scorer(arch, model, tokenizer, tmp_
         assert results["addition"] | {"accuracy": 0, "stderr": 0} == {
             "accuracy": 0, "n": 6, "kind": "generation", "metric": "exact_match", "stderr": 0}
         assert results["bigbench:sky/mc"]["kind"] == "multiple_choice" and results["bigbench:sky/mc"]["n"] == 6
-        old = evaluate(model, tokenizer, rows, format_prompt, batch_size=4, progress=False)
-        assert {t: r["accuracy"] for t, r in old.items()} == {t: r["accuracy"] for t, r in results.items()}
     finally:
         if arch == "llama-comoe":
             model.unload()
@@ -440,3 +221,36 @@ def test_cli_eval_unknown_or_missing_lm_eval_task_is_one_line(base_run, capsys):
     assert "lm-eval task 'arc_easy' could not load its data offline" in line
     assert main(["eval", str(base_run), "--tasks", " , "]) == 2
     assert "--tasks needs at least one" in _error_line(capsys)
+
+
+# table
+
+
+def test_format_table_single_and_several_methods():
+    one = {
+        "b": {"accuracy": 0.5, "n": 2, "kind": "generation"},
+        "a": {"accuracy": 0.25, "n": 4, "kind": "multiple_choice"},
+        "overall": {"accuracy": 0.375, "n": 6, "kind": "macro_mean"},
+    }
+    lines = format_table(one).splitlines()
+    assert lines[0].split() == ["task", "kind", "n", "accuracy"]
+    assert [line.split()[0] for line in lines[2:]] == ["a", "b", "overall"]
+    assert lines[2].split()[-1] == "0.250"
+
+    other = {"a": {"accuracy": 1.0, "n": 4, "kind": "multiple_choice"}}
+    lines = format_table({"comoe": one, "lora": other}).splitlines()
+    assert lines[0].split() == ["task", "kind", "n", "comoe", "lora"]
+    assert lines[2].split()[-2:] == ["0.250", "1.000"]
+    assert lines[3].split()[-2:] == ["0.500", "-"]
+
+
+def test_cli_eval_without_lm_eval_installed_is_one_line(base_run, capsys, monkeypatch):
+    import importlib.util
+
+    from comoe_peft.experiments.cli import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    capsys.readouterr()
+    assert main(["eval", str(base_run), "--overwrite"]) == 2
+    assert "pip install 'lm-eval" in _error_line(capsys)

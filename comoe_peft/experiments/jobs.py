@@ -54,7 +54,8 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 logger = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # measured on a 2-core CPU, model and task files cached: train 33 s, eval 27 s, analyze 15 s
+    # measured on a 2-core CPU, model and task files cached: train 33 s, eval 27 s, analyze 15 s (eval: the old
+    # hand-written scorer; lm-eval, which eval runs now, took 1.9x its CPU time, docs/benchmarks.md)
     "quick": dict(max_steps=12, batch_size=4, max_length=96, learning_rate=1e-3, max_train_per_task=64,
                   test_size=12, analysis_examples_per_task=8),
     # measured on a 2-core CPU, model and task files cached: train 541 s, eval 91 s, analyze 32 s
@@ -458,6 +459,9 @@ def evaluate_run(run_dir: str, overwrite: bool = False, batch_size: int = 16, ta
     stored = folder / (LM_EVAL_RESULTS if tasks else EVAL_RESULTS)
     if not tasks and stored.is_file() and not overwrite and limit is None:
         return json.loads(stored.read_text(encoding="utf-8"))
+    if importlib.util.find_spec("lm_eval") is None:
+        raise RunError("comoe-peft eval scores with lm-evaluation-harness, which is not installed; install it with: "
+                       "pip install 'lm-eval>=0.4.13,<0.5' (or this package's [experiments] extra)")
     model, tokenizer = load_run_model(folder, config)
     try:
         if tasks:

@@ -38,10 +38,9 @@ from typing import Any
 import torch
 
 from .data import format_prompt
+from .evaluation import OVERALL
 
 Results = dict[str, dict[str, Any]]
-
-OVERALL = "overall"
 TASK_PREFIX = "comoe_"  # keeps the written tasks apart from lm-eval's own names
 NAMES_FILE = "tasks.json"  # lm-eval task name -> the examples' task name
 MAX_GEN_TOKS = 16
