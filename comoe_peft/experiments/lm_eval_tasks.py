@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import re
+import unittest.mock
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -204,10 +205,14 @@ def run_lm_eval(model: torch.nn.Module, tokenizer, tasks: Sequence[Any], batch_s
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    import lm_eval.evaluator
+
     was_training = model.training
     model.eval()
     try:
-        with quiet_lm_eval():
+        # lm-eval records the git commit of the working directory with `git describe`, which prints "fatal: not a
+        # git repository" outside one; that commit says nothing about the model, so it is not asked for
+        with quiet_lm_eval(), unittest.mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, log_samples=False,
                                    apply_chat_template=False, task_manager=TaskManager(include_defaults=False))
@@ -256,7 +261,8 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, names: Sequence[str], incl
                    batch_size: int = 16, limit: int | None = None) -> Results:
     """Accuracy of `model` on lm-eval tasks: those written by `write_tasks` into `include_path`, or, without it,
     lm-eval's own tasks (data in the local Hugging Face cache). Keys: the examples' task names for written tasks."""
-    tasks = load_tasks(names, include_path)
+    with quiet_lm_eval():
+        tasks = load_tasks(names, include_path)
     mapping = {}
     if include_path is not None and (Path(include_path) / NAMES_FILE).is_file():
         mapping = json.loads((Path(include_path) / NAMES_FILE).read_text(encoding="utf-8"))
