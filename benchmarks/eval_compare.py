@@ -74,6 +74,7 @@ def timed(fn, *args) -> tuple[dict, float, float]:
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Run both scorers `args.rounds` times, interleaved; per-task accuracy and the time of each round."""
     torch.set_num_threads(1)
+    started = meta(args)  # the commit of the code that runs, read before anything else can change it
     folder, config = open_run(args.run)
     model, tokenizer = load_run_model(folder, config)
     rows = capped_rows(folder, args.max_per_task)
@@ -91,7 +92,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"round {round_}: {name} {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
     return {"run": str(folder), "method": config["method"], "model_path": config["model_path"],
             "examples": len(rows), "max_per_task": args.max_per_task, "batch_size": args.batch_size,
-            "results": results, "times": times, "ratio": ratios(times), "meta": meta(args)}
+            "results": results, "times": times, "ratio": ratios(times),
+            "meta": started | {"load_average": os.getloadavg(), "date_end": time.strftime("%Y-%m-%dT%H:%M:%S")}}
 
 
 def ratios(times: dict[str, list[dict[str, float]]]) -> dict[str, float]:
@@ -113,6 +115,8 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     return {"command": "python benchmarks/eval_compare.py " + " ".join(args.argv), "commit": commit,
+            "commit_dirty": bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                                capture_output=True, text=True, cwd=Path(__file__).parent).stdout),
             "device_name": f"CPU {cpu} ({torch.backends.cpu.get_cpu_capability()})", "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
