@@ -254,3 +254,23 @@ def test_cli_eval_without_lm_eval_installed_is_one_line(base_run, capsys, monkey
     capsys.readouterr()
     assert main(["eval", str(base_run), "--overwrite"]) == 2
     assert "pip install 'lm-eval" in _error_line(capsys)
+
+
+def test_cli_eval_tasks_scores_lm_eval_tasks_that_are_local(base_run, capsys, monkeypatch, tmp_path):
+    """`--tasks NAME` for a task lm-eval can load offline (here a local task standing in for lm-eval's index), the
+    results kept under lm-eval's name and added to `lm_eval_results.json`."""
+    from lm_eval.tasks import TaskManager
+
+    from comoe_peft.experiments import lm_eval_tasks
+    from comoe_peft.experiments.cli import main
+
+    rows = [{"task": "yes_no", "prompt": f"question {i}", "choices": ["yes", "no"], "answer": "yes"} for i in range(5)]
+    lm_eval_tasks.write_tasks(rows, tmp_path / "index")
+    monkeypatch.setattr(lm_eval_tasks, "_own_tasks",
+                        lambda: TaskManager(include_path=str(tmp_path / "index"), include_defaults=False))
+    capsys.readouterr()
+    assert main(["eval", str(base_run), "--tasks", "comoe_yes_no"]) == 0
+    assert "comoe_yes_no" in capsys.readouterr().out
+    stored = json.loads((base_run / "lm_eval_results.json").read_text())
+    assert set(stored) == {"comoe_yes_no"} and stored["comoe_yes_no"]["n"] == 5
+    assert stored["comoe_yes_no"]["metric"] == "acc"
