@@ -25,7 +25,7 @@ from datasets import Dataset, load_from_disk
 
 from comoe_peft import __version__
 from comoe_peft.tuner.config import CoMoEConfig
-from .data import format_prompt, load_examples, to_sft_dataset, train_test_split_per_task
+from .data import load_examples, to_sft_dataset, train_test_split_per_task
 from comoe_peft.tuner.registration import write_loading_note
 from .runs import (
     ADAPTER_DIR,

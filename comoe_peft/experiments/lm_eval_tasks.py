@@ -201,11 +201,10 @@ def run_lm_eval(model: torch.nn.Module, tokenizer, tasks: Sequence[Any], batch_s
                 limit: int | None = None) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` of `model` (eval mode, e.g. a `PeftModel`) on loaded `tasks`, zero-shot; lm-eval's
     own result dict. `limit`: at most this many examples per task."""
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-
-    import lm_eval.evaluator
 
     was_training = model.training
     model.eval()
