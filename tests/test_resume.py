@@ -131,13 +131,12 @@ def test_base_run_scores_the_untrained_model_on_the_same_split(tmp_path, capsys,
     # the base model's scores are those of the base model itself, evaluated directly with the same scorer
     from datasets import load_from_disk
 
-    from comoe_peft.experiments.data import format_prompt
-    from comoe_peft.experiments.evaluation import evaluate
+    from comoe_peft.experiments.lm_eval_tasks import evaluate_examples
     from comoe_peft.experiments.pretrained import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir))
-    direct = evaluate(model.eval(), tokenizer, load_from_disk(str(tmp_path / "base" / "data" / "test")),
-                      format_prompt, batch_size=16)
+    direct = evaluate_examples(model.eval(), tokenizer, load_from_disk(str(tmp_path / "base" / "data" / "test")),
+                               tmp_path / "direct-tasks", batch_size=16)
     assert direct["overall"]["accuracy"] == results["overall"]["accuracy"]
     assert main(["analyze", str(tmp_path / "base")]) == 2
     assert "has no experts to analyse" in error_line(capsys)

@@ -4,7 +4,8 @@
 comoe-peft train [--method M] [--tasks T] [--model P] [--dataset D] [--preset quick] [--seed S] --output-dir RUN
 comoe-peft train --save-steps 50 ... --output-dir RUN    # checkpoints; the same command again resumes a stopped run
 comoe-peft train --method base ... --output-dir RUN      # the zero-shot base model: the split, no adapter
-comoe-peft eval RUN [RUN ...]
+comoe-peft eval RUN [RUN ...]                            # lm-evaluation-harness on the run's held-out examples
+comoe-peft eval RUN --tasks arc_easy,boolq               # lm-eval's own tasks (data in the local HF cache)
 comoe-peft analyze RUN
 ```
 
@@ -87,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("max-train-per-task", int), ("test-size", int)]:
         train.add_argument(f"--{name}", type=kind, help="overrides the preset")
 
-    evaluate = commands.add_parser("eval", help="per-task accuracy of runs on their held-out examples")
+    evaluate = commands.add_parser("eval", help="per-task accuracy of runs, scored by lm-evaluation-harness")
     evaluate.add_argument("runs", nargs="+", help="run folders written by `comoe-peft train`")
+    evaluate.add_argument("--tasks", help="comma-separated lm-eval task names (arc_easy, boolq, ...; their data must "
+                                          "be in the local Hugging Face cache) instead of the run's held-out examples")
+    evaluate.add_argument("--limit", type=int, help="at most this many examples per task (results not stored)")
     evaluate.add_argument("--overwrite", action="store_true", help="recompute stored results")
     evaluate.add_argument("--batch-size", type=int, default=16)
 
@@ -119,16 +123,23 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    """`comoe-peft eval`: score runs on their held-out examples and print one table, a column per run."""
+    """`comoe-peft eval`: score runs with lm-eval (held-out examples or `--tasks`), print one table, a column per
+    run."""
     from .evaluation import format_table
     from .jobs import evaluate_run
-    from .runs import open_run
+    from .runs import RunError, open_run
 
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:
+        raise RunError("--tasks needs at least one lm-eval task name, e.g. --tasks arc_easy,boolq")
+    if args.limit is not None and args.limit < 1:
+        raise RunError(f"--limit must be at least 1, got {args.limit}")
     results = {}
     for run in args.runs:
         folder, config = open_run(run)
         name = config["method"] if len(args.runs) == 1 else f"{config['method']} ({folder.name})"
-        results[name] = evaluate_run(run, overwrite=args.overwrite, batch_size=args.batch_size)
+        results[name] = evaluate_run(run, overwrite=args.overwrite, batch_size=args.batch_size, tasks=tasks,
+                                     limit=args.limit)
     print(format_table(results))
 
 

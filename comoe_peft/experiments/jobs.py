@@ -3,7 +3,7 @@
 `train` fine-tunes one method (`comoe`, `moe` = the same experts without the contrastive term, or `lora` = peft
 LoRA at a matched number of trainable parameters) on a task mixture, or, for `base`, writes a run folder with the
 same held-out split and no adapter, so that the zero-shot base model is scored like the others; `evaluate_run`
-scores a run on its held-out examples; `analyze_run` writes the expert-specialisation report. `PRESETS` holds the
+scores a run with lm-evaluation-harness on its held-out examples or on lm-eval's own tasks; `analyze_run` writes the expert-specialisation report. `PRESETS` holds the
 settings of `--preset quick` and `--preset default`.
 """
 
@@ -16,6 +16,7 @@ import logging
 import platform
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,14 @@ from datasets import Dataset, load_from_disk
 
 from comoe_peft import __version__
 from comoe_peft.tuner.config import CoMoEConfig
-from .data import format_prompt, load_examples, to_sft_dataset, train_test_split_per_task
+from .data import load_examples, to_sft_dataset, train_test_split_per_task
 from comoe_peft.tuner.registration import write_loading_note
 from .runs import (
     ADAPTER_DIR,
     ANALYSIS_DIR,
     EVAL_RESULTS,
+    LM_EVAL_RESULTS,
+    LM_EVAL_TASKS_DIR,
     LOG_HISTORY,
     ROUTING_HISTORY,
     RUN_CONFIG,
@@ -51,7 +54,8 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 logger = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # measured on a 2-core CPU, model and task files cached: train 33 s, eval 27 s, analyze 15 s
+    # measured on a 2-core CPU, model and task files cached: train 33 s, eval 27 s, analyze 15 s (eval: the old
+    # hand-written scorer; lm-eval, which eval runs now, took 1.9x its CPU time, docs/benchmarks.md)
     "quick": dict(max_steps=12, batch_size=4, max_length=96, learning_rate=1e-3, max_train_per_task=64,
                   test_size=12, analysis_examples_per_task=8),
     # measured on a 2-core CPU, model and task files cached: train 541 s, eval 91 s, analyze 32 s
@@ -440,19 +444,38 @@ def load_run_model(run_dir: Path, config: dict[str, Any]):
     return model.eval(), tokenizer
 
 
-def evaluate_run(run_dir: str, overwrite: bool = False, batch_size: int = 16) -> dict[str, Any]:
-    """Per-task accuracy of a run on its held-out examples; stored in `eval_results.json` (reused unless
-    `overwrite`)."""
-    from .evaluation import evaluate
+def evaluate_run(run_dir: str, overwrite: bool = False, batch_size: int = 16, tasks: Sequence[str] = (),
+                 limit: int | None = None) -> dict[str, Any]:
+    """Per-task accuracy of a run, scored by lm-evaluation-harness (`comoe_peft.experiments.lm_eval_tasks`).
+
+    Without `tasks`: on the run's held-out examples, written as lm-eval tasks into `RUN/lm_eval_tasks/`; stored in
+    `eval_results.json` and reused unless `overwrite` (a `limit` run is neither reused nor stored). With `tasks`: on
+    lm-eval's own tasks of those names (`arc_easy`, `boolq`, ...; their data must be in the local Hugging Face
+    cache), always evaluated and added to `lm_eval_results.json`. `limit`: at most this many examples per task.
+    """
+    from .lm_eval_tasks import OVERALL, evaluate_examples, evaluate_tasks
 
     folder, config = open_run(run_dir)
-    stored = folder / EVAL_RESULTS
-    if stored.is_file() and not overwrite:
+    stored = folder / (LM_EVAL_RESULTS if tasks else EVAL_RESULTS)
+    if not tasks and stored.is_file() and not overwrite and limit is None:
         return json.loads(stored.read_text(encoding="utf-8"))
+    if importlib.util.find_spec("lm_eval") is None:
+        raise RunError("comoe-peft eval scores with lm-evaluation-harness, which is not installed; install it with: "
+                       "pip install 'lm-eval>=0.4.13,<0.5' (or this package's [experiments] extra)")
     model, tokenizer = load_run_model(folder, config)
-    test = load_from_disk(str(folder / TEST_DATA_DIR))
-    results = evaluate(model, tokenizer, test, format_prompt, batch_size=batch_size)
-    write_json(stored, results)
+    try:
+        if tasks:
+            results = evaluate_tasks(model, tokenizer, tasks, batch_size=batch_size, limit=limit)
+        else:
+            test = load_from_disk(str(folder / TEST_DATA_DIR))
+            results = evaluate_examples(model, tokenizer, test, folder / LM_EVAL_TASKS_DIR, batch_size, limit)
+    except ValueError as error:  # includes lm_eval_tasks.TaskLoadError: unknown task, data not local
+        raise RunError(str(error)) from None
+    if tasks:
+        earlier = json.loads(stored.read_text(encoding="utf-8")) if stored.is_file() else {}
+        write_json(stored, {k: v for k, v in (earlier | results).items() if k != OVERALL})
+    elif limit is None:
+        write_json(stored, results)
     return results
 
 

@@ -286,7 +286,7 @@ def load_model_and_tokenizer(
         `(model, tokenizer)`. The tokenizer always has a pad token (the EOS token when it had
         none) and `padding_side="left"`, which is what batched generation needs. Code that
         pads for training or log-likelihood scoring must choose its own padding side
-        (`comoe_peft.experiments.evaluation` pads by hand and does not depend on it).
+        (lm-eval's `HFLM`, which `comoe-peft eval` uses, sets it for each request).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -10,6 +10,8 @@ A run folder holds what one `comoe-peft train` produced and what `eval` and `ana
 | `trainer/` | TRL's output folder: logs, expert-load history (`TRAINER_DIR`) |
 | `log_history.json` | the trainer's log history (`LOG_HISTORY`) |
 | `eval_results.json` | written by `comoe-peft eval` (`EVAL_RESULTS`) |
+| `lm_eval_tasks/` | the held-out examples as lm-eval tasks, YAML + JSONL, written by `comoe-peft eval` (`LM_EVAL_TASKS_DIR`) |
+| `lm_eval_results.json` | written by `comoe-peft eval --tasks arc_easy,...`: lm-eval's own tasks (`LM_EVAL_RESULTS`) |
 | `analysis/` | written by `comoe-peft analyze` (`ANALYSIS_DIR`) |
 | `routing_history.json` | routing entropy and JS between tasks during training (`ROUTING_HISTORY`, comoe / moe) |
 
@@ -35,6 +37,8 @@ TEST_DATA_DIR = "data/test"
 TRAINER_DIR = "trainer"
 LOG_HISTORY = "log_history.json"
 EVAL_RESULTS = "eval_results.json"
+LM_EVAL_TASKS_DIR = "lm_eval_tasks"
+LM_EVAL_RESULTS = "lm_eval_results.json"
 ANALYSIS_DIR = "analysis"
 ROUTING_HISTORY = "routing_history.json"
 PARTIAL_OPTIONS = "train_options.json"
