@@ -35,10 +35,18 @@ LIBRARIES = r"(transformers|trl|peft|accelerate|datasets|bitsandbytes)(\.|$)"
 TRAIN_HELP = "multi-task fine-tuning of one method into a run folder (comoe-peft train --help: every option)"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (`comoe-peft: error: ...`, exit 2) without the usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"comoe-peft: error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser of `comoe-peft` and of `eval` / `analyze` (it imports nothing heavy: `--help` is
-    instant); `train`'s options are parsed by `build_train_parser`."""
-    parser = argparse.ArgumentParser(prog="comoe-peft", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    """The top-level parser of `comoe-peft` and of `eval` / `analyze` (it imports nothing heavy: no torch, no
+    TRL); `train`'s options are parsed by `build_train_parser`."""
+    parser = OneLineParser(prog="comoe-peft", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help=TRAIN_HELP, add_help=False)
@@ -77,9 +85,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     from .options import TRAINER_ALIASES, ScriptArguments, adapter_arguments, load_preset
 
     class TrainParser(TrlParser):
-        def error(self, message: str) -> None:  # one line, not argparse's usage of 200 options
-            print(f"comoe-peft: error: {message}; see comoe-peft train --help", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
+        error = OneLineParser.error  # one line, not argparse's usage of 200 options
 
     parser = TrainParser([ScriptArguments, CoMoESFTConfig, adapter_arguments()], prog="comoe-peft train",
                          description=TRAIN_HELP.split(" (")[0], allow_abbrev=False)
@@ -100,10 +106,9 @@ def build_train_parser() -> argparse.ArgumentParser:
 def given_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
     """The options the user gave: the `--config` file's (its `env` mapping is exported, as TRL does), then the
     flags over them; a `RunError` for an unreadable file or a key that is no option."""
-    import difflib
-
     from .options import read_yaml_options
     from .runs import RunError
+    from .tasks import close_matches
 
     argv, config_file = split_config(argv)
     values: dict[str, Any] = {}
@@ -119,7 +124,7 @@ def given_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[s
         known = {action.dest for action in parser._actions} - {"help", "config"}
         for key in values:
             if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+                close = close_matches(key, known, n=1)
                 hint = f"did you mean {close[0]}?" if close else "see comoe-peft train --help for the options"
                 raise RunError(f"'{config_file}' sets '{key}', which is no option of comoe-peft train; {hint}")
     for action in parser._actions:
