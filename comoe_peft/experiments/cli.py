@@ -21,7 +21,6 @@ is loaded or written; a failed command leaves no folder behind.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -195,20 +194,13 @@ def run_analyze(args: argparse.Namespace) -> None:
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """While a command runs: no deprecation warnings of the libraries (FutureWarning / DeprecationWarning raised
-    in transformers, trl, peft, ...; they are for the library's own callers, not the command's users), and no
-    bitsandbytes log line about its optional CPU kernels. The library itself silences nothing."""
-    kernels_note = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    quiet = logging.Filter()
-    quiet.filter = lambda record: "gemm_4bit_forward" not in record.getMessage()  # type: ignore[method-assign]
-    kernels_note.addFilter(quiet)
+    """While a command runs, no deprecation warnings of the libraries (FutureWarning / DeprecationWarning raised in
+    transformers, trl, peft, ...: they are for the library's own callers, not the command's users). The library
+    itself silences nothing."""
     with warnings.catch_warnings():
         for category in (FutureWarning, DeprecationWarning):
             warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
-        try:
-            yield
-        finally:
-            kernels_note.removeFilter(quiet)
+        yield
 
 
 @contextmanager
@@ -229,14 +221,26 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `comoe-peft` console script and of `python -m comoe_peft`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def split_command(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The top-level arguments of a command line, and for `train` the rest, which `parse_train_args` reads."""
+    argv = list(argv)
     command_at = next((i for i, item in enumerate(argv) if not item.startswith("-")), len(argv))
-    rest = []
+    rest: list[str] = []
     if argv[command_at:command_at + 1] == ["train"]:
         argv, rest = argv[:command_at + 1], argv[command_at + 1:]
-    args = build_parser().parse_args(argv)
+    return build_parser().parse_args(argv), rest
+
+
+def parse_command(argv: Sequence[str]) -> Any:
+    """A whole command line parsed without running it (for the documentation's checks): the `TrainOptions` of a
+    `train`, else the argparse namespace. Errors raise SystemExit (the parser's) or `RunError`."""
+    args, rest = split_command(argv)
+    return parse_train_args(rest) if args.command == "train" else args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `comoe-peft` console script and of `python -m comoe_peft`."""
+    args, rest = split_command(sys.argv[1:] if argv is None else argv)
     from .runs import RunError
 
     handlers = {"train": lambda: run_train(rest), "eval": lambda: run_eval(args), "analyze": lambda: run_analyze(args)}
