@@ -102,7 +102,7 @@ def test_eval_analyze_and_parser_errors_are_one_line_exit_2(capsys, argv):
 
 def test_precedence_preset_then_config_then_flags(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("preset: quick\nmax_steps: 5\nper_device_train_batch_size: 2\nnum_negatives: 1\n"
+    config.write_text("preset: quick\nmax_steps: 5\nper-device-train-batch-size: 2\nnum_negatives: 1\n"
                       "gradient_accumulation_steps: 3\nenv:\n  COMOE_PEFT_TEST_VARIABLE: set\n")
     options = parse_train_args(["--config", str(config), "--max-steps", "7", "--output-dir", "x"]).resolved()
     quick = jobs.PRESETS["quick"]

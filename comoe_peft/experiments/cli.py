@@ -113,7 +113,7 @@ def given_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[s
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
-            values = read_yaml_options(config_file)
+            values = {str(k).replace("-", "_"): v for k, v in read_yaml_options(config_file).items()}
         except ValueError as error:
             raise RunError(f"{error}; fix --config") from None
         env = values.pop("env", {})

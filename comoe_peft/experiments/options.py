@@ -168,8 +168,8 @@ def preset_names() -> list[str]:
 
 
 def read_yaml_options(path: str | Path) -> dict[str, Any]:
-    """The options of a preset or `--config` file: a YAML mapping of option names to values; ValueError if the file
-    cannot be read or is not a mapping."""
+    """The options of a preset or `--config` file: a YAML mapping of option names (a flag without its leading
+    dashes) to values; ValueError if the file cannot be read or is not a mapping."""
     try:
         loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
