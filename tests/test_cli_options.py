@@ -219,3 +219,13 @@ def test_sigterm_removes_the_staging_folder(tmp_path, tiny_model_dir, examples_f
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert not runs.exists(), "the staging folder, and the runs/ folder the command created, are removed"
+
+
+def test_an_unfinished_run_with_other_settings_is_named_without_python_none(tmp_path):
+    from comoe_peft.experiments.runs import RunError, partial_dir, start_resumable_run
+
+    start_resumable_run(tmp_path / "run", False, {"model": None, "max_steps": 6})
+    with pytest.raises(RunError) as error:
+        start_resumable_run(tmp_path / "run", False, {"model": "m", "max_steps": 6})
+    assert "model: stored not set, asked \"m\"" in str(error.value) and "None" not in str(error.value)
+    assert partial_dir(tmp_path / "run").is_dir()
