@@ -93,7 +93,8 @@ def test_a_bad_value_in_a_config_file_is_one_line_exit_2(tmp_path, capsys, nothi
     assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
 
 
-@pytest.mark.parametrize("argv", [["eval", "x", "--batch-size", "0"], ["analyze", "x", "--max-examples-per-task", "-1"],
+@pytest.mark.parametrize("argv", [["eval", "x", "--batch-size", "0"],
+                                  ["analyze", "x", "--max-examples-per-task", "-1"],
                                   ["train", "--output-dir"], ["train", "--seed", "abc", "--output-dir", "x"]])
 def test_eval_analyze_and_parser_errors_are_one_line_exit_2(capsys, argv):
     assert status(argv) == 2
@@ -229,3 +230,10 @@ def test_an_unfinished_run_with_other_settings_is_named_without_python_none(tmp_
         start_resumable_run(tmp_path / "run", False, {"model": "m", "max_steps": 6})
     assert "model: stored not set, asked \"m\"" in str(error.value) and "None" not in str(error.value)
     assert partial_dir(tmp_path / "run").is_dir()
+
+
+def test_a_base_run_from_python_may_say_zero_steps():
+    options = jobs.TrainOptions(output_dir="x", method="base", max_steps=0, preset="quick").resolved()
+    assert options.max_steps == 0
+    with pytest.raises(jobs.RunError, match="trains nothing"):
+        jobs.TrainOptions(output_dir="x", method="base", max_steps=-5).resolved()

@@ -142,6 +142,8 @@ def check_train_values(values: Mapping[str, Any], given: Collection[str] = ()) -
              "pass your own settings with --config FILE.yaml")
     for name, value in values.items():
         rule = RULES.get(name)
+        if method == "base" and name in TRAINING_ONLY:
+            continue  # base trains nothing: refused below if given (0 steps, as benchmarks/quality.py passes, is not)
         if rule is not None and value is not None and not rule.check(value):
             fail(name, rule.must, value, rule.hint)
     check_method(values, method, given)
