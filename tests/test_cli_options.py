@@ -174,6 +174,8 @@ def test_train_help_lists_every_dataclass_field():
                  "--target_modules", "--contrastive_loss_coef", "--report_to", "--comoe_router_aux_loss_coef"):
         assert flag in out.stdout
     assert "FutureWarning" not in out.stderr and "DeprecationWarning" not in out.stderr
+    max_steps_help = out.stdout.split("--max-steps MAX_STEPS")[1].split("--")[0]
+    assert "(default: 100)" in " ".join(max_steps_help.split())  # the default preset's, not TRL's -1
 
 
 def test_library_deprecation_warnings_are_quiet_in_commands_only():

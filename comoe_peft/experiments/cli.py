@@ -87,7 +87,8 @@ def build_train_parser() -> argparse.ArgumentParser:
         error = OneLineParser.error  # one line, not argparse's usage of 200 options
 
     parser = TrainParser([ScriptArguments, CoMoESFTConfig, adapter_arguments()], prog="comoe-peft train",
-                         description=TRAIN_HELP.split(" (")[0], allow_abbrev=False)
+                         description=TRAIN_HELP.split(" (")[0], allow_abbrev=False,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="options as a YAML mapping (flag names without dashes); over the preset, under flags")
     actions = {action.dest: action for action in parser._actions}
@@ -126,6 +127,8 @@ def given_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[s
                 close = close_matches(key, known, n=1)
                 hint = f"did you mean {close[0]}?" if close else "see comoe-peft train --help for the options"
                 raise RunError(f"'{config_file}' sets '{key}', which is no option of comoe-peft train; {hint}")
+    if "-h" in argv or "--help" in argv:
+        parser.parse_args(list(argv))  # the help, with the defaults of the job and the default preset; exits
     for action in parser._actions:
         if action.dest != "help":
             action.default = argparse.SUPPRESS  # the namespace then holds only what was typed
