@@ -11,7 +11,7 @@ from test_qlora import width64_llama
 
 import comoe_peft.experiments.jobs as jobs
 import comoe_peft.experiments.pretrained as pretrained
-from comoe_peft.experiments.cli import build_parser, main
+from comoe_peft.experiments.cli import main, parse_train_args
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,10 @@ def one_error_line(capsys) -> str:
 
 
 def test_flags_parse():
-    args = build_parser().parse_args(["train", "--output-dir", "x", "--load-in-4bit"])
-    assert args.load_in_4bit is True and args.load_in_8bit is False
-    args = build_parser().parse_args(["train", "--output-dir", "x"])
-    assert args.load_in_4bit is False and args.load_in_8bit is False
+    options = parse_train_args(["--output-dir", "x", "--load-in-4bit"])
+    assert options.load_in_4bit is True and options.load_in_8bit is False
+    options = parse_train_args(["--output-dir", "x"])
+    assert options.load_in_4bit is False and options.load_in_8bit is False
 
 
 def test_both_flags_are_one_line_exit_2_before_anything_loads(tmp_path, capsys, monkeypatch):

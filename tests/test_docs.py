@@ -18,7 +18,8 @@ Rule: every code block on the site either runs in a test or is a notebook cell (
     - `accelerate launch ...`: parsed with accelerate's own argument parser; its `--config_file` exists and loads
       with accelerate's config loader; its script exists in the repository or is a ```python title="<script>" block
       of the docs;
-    - `comoe-peft ...`: parsed with the command's own argument parser (`comoe_peft.experiments.cli.build_parser`);
+    - `comoe-peft ...`: parsed with the command's own argument parsers (`comoe_peft.experiments.cli.parse_command`,
+      `--config` files named from the repository root);
     - anything else fails the test, so that a new kind of command gets a check.
 """
 
@@ -184,10 +185,16 @@ def check_accelerate(argv: list[str], label: str) -> None:
 
 def check_comoe_peft(argv: list[str], label: str) -> None:
     cli = pytest.importorskip("comoe_peft.experiments.cli", reason="comoe_peft.experiments.cli is not there yet")
+    from comoe_peft.experiments.runs import RunError
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # --config files are named from the repository root
     try:
-        cli.build_parser().parse_args(argv[1:])
-    except SystemExit as error:
+        cli.parse_command(argv[1:])
+    except (SystemExit, RunError) as error:
         raise AssertionError(f"{label}: `comoe-peft` rejects {shlex.join(argv)}") from error
+    finally:
+        os.chdir(cwd)
 
 
 def check_pytest(argv: list[str], label: str) -> None:

@@ -1,7 +1,7 @@
 """`comoe-peft`: train, evaluate and analyse CoMoE against MoE-LoRA and LoRA from the command line.
 
 ```text
-comoe-peft train [--method M] [--tasks T] [--model P] [--dataset D] [--preset quick] [--seed S] --output-dir RUN
+comoe-peft train [--method M] [--tasks T] [--model P] [--dataset D] [--preset quick] [--config run.yaml] --output-dir RUN
 comoe-peft train --save-steps 50 ... --output-dir RUN    # checkpoints; the same command again resumes a stopped run
 comoe-peft train --method base ... --output-dir RUN      # the zero-shot base model: the split, no adapter
 comoe-peft eval RUN [RUN ...]                            # lm-evaluation-harness on the run's held-out examples
@@ -9,21 +9,30 @@ comoe-peft eval RUN --tasks arc_easy,boolq               # lm-eval's own tasks (
 comoe-peft analyze RUN
 ```
 
-Errors in the user's input (a missing model, an unknown task, a dataset with the wrong columns, a folder that
-cannot be written, a run of the wrong method) print one line and exit with status 2; so does a missing package of
-the `experiments` extra (the library install alone does not bring them). Downloads and conversions into the cache
-are announced on stderr before they start and when they are done.
+`train` is parsed by TRL's `TrlParser` from three dataclasses (`comoe_peft.experiments.options`): every field of
+the job's `ScriptArguments`, of the trainer's `CoMoESFTConfig` and of the adapter's `CoMoEConfig` is a flag and a
+key of a `--config` YAML file. Precedence, lowest first: the job's defaults, the preset (`--preset NAME`, a YAML
+file shipped in `comoe_peft/experiments/presets/`), the `--config` file, the flags.
+
+Errors in the user's input (a bad value, a missing model, an unknown task, a dataset with the wrong columns, a
+folder that cannot be written, a run of the wrong method) print one line and exit with status 2, before anything
+is loaded or written; a failed command leaves no folder behind. So does a missing package of the `experiments`
+extra (the library install alone does not bring them). Downloads and conversions into the cache are announced
+on stderr before they start and when they are done.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import logging
 import os
+import signal
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from packaging.requirements import Requirement
 
@@ -31,62 +40,25 @@ EXIT_USAGE = 2
 EXTRA = "experiments"
 EXTRA_HINT = f'pip install "comoe-peft[{EXTRA}]" (in a clone: pip install -e ".[{EXTRA}]")'
 EXTRA_MODULES = frozenset({"matplotlib", "scipy", "tqdm", "gguf", "lm_eval"})  # what the experiments extra brings
+LIBRARIES = r"(transformers|trl|peft|accelerate|datasets|bitsandbytes)(\.|$)"
+TRAIN_HELP = "multi-task fine-tuning of one method into a run folder (comoe-peft train --help: every option)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (`comoe-peft: error: ...`, exit 2) without the usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"comoe-peft: error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `comoe-peft` (also used to document the command)."""
-    from .jobs import METHODS, PRESETS
-
-    parser = argparse.ArgumentParser(prog="comoe-peft", description=__doc__.split("\n\n")[0])
+    """The top-level parser of `comoe-peft` and of `eval` / `analyze` (it imports nothing heavy: no torch, no
+    TRL); `train`'s options are parsed by `build_train_parser`."""
+    parser = OneLineParser(prog="comoe-peft", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    train = commands.add_parser("train", help="multi-task fine-tuning of one method into a run folder")
-    train.add_argument("--output-dir", required=True, help="run folder to create")
-    train.add_argument("--method", choices=METHODS, default="comoe",
-                       help="comoe (default), moe = the same experts without the contrastive term, lora = "
-                            "peft LoRA with as many trainable parameters, or base = no adapter and no training (the "
-                            "zero-shot base model, scored by eval on the same held-out split)")
-    train.add_argument("--tasks", default="default",
-                       help="comma-separated tasks, e.g. bigbench:navigate,synthetic:arithmetic,benchmark:arc-e "
-                            "('default' = the built-in mixture; benchmark:* reads the paper's benchmarks from the "
-                            "local Hugging Face cache)")
-    train.add_argument("--dataset", help="your own examples instead of --tasks: JSON/JSONL/Parquet files, a folder "
-                                         "saved with datasets, or a cached hub dataset (columns task, prompt, "
-                                         "choices, answer)")
-    train.add_argument("--model", help="local model folder or cached hub id (default: SmolLM2-135M-Instruct)")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                       help="quick: a smoke run (about 35 s of training on 2 CPU cores); default: about 9 minutes of training")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    train.add_argument("--cache-dir", help="where the model and task files are cached (default ~/.cache/comoe_peft)")
-    train.add_argument("--num-experts", type=int, default=4)
-    train.add_argument("--top-k", type=int, default=2)
-    train.add_argument("--rank", type=int, default=16, help="rank r of each expert")
-    train.add_argument("--contrastive-loss-coef", type=float, default=0.01, help="lambda (comoe only)")
-    train.add_argument("--contrastive-temperature", type=float, default=0.1, help="tau (comoe only)")
-    # not an argparse exclusive group: both flags at once get the command's one-line error (TrainOptions checks it)
-    train.add_argument("--load-in-4bit", action="store_true",
-                       help="QLoRA: load the base model in 4-bit nf4 with bitsandbytes (pip install bitsandbytes)")
-    train.add_argument("--load-in-8bit", action="store_true",
-                       help="load the base model in 8-bit (LLM.int8()) with bitsandbytes")
-    train.add_argument("--save-steps", type=int,
-                       help="checkpoint every N steps (in .RUN.partial/ beside the run folder); started again with "
-                            "the same options after a stop, the run resumes from its last checkpoint")
-    train.add_argument("--routing-eval-steps", type=int, nargs="+", default=[], metavar="STEP",
-                       help="comoe / moe: after these steps, measure routing entropy and the JS divergence between "
-                            "tasks on a few held-out examples per task (RUN/routing_history.json)")
-    train.add_argument("--router-lr-multiplier", type=float, default=1.0,
-                       help="comoe / moe: the routers learn at this times the learning rate (default 1)")
-    train.add_argument("--padding-free", action="store_true",
-                       help="padding-free batches: each batch flattened into one row of its examples, no pad tokens "
-                            "(training examples are then not cut at --max-length)")
-    train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                       help="bf16 mixed precision (autocast; on a CPU worth it only with bf16 units: AVX512-BF16 or "
-                            "AMX); default: on for GPUs that support it, off on CPUs")
-    for name, kind in [("max-steps", int), ("batch-size", int), ("max-length", int), ("learning-rate", float),
-                       ("max-train-per-task", int), ("test-size", int)]:
-        train.add_argument(f"--{name}", type=kind, help="overrides the preset")
+    commands.add_parser("train", help=TRAIN_HELP, add_help=False)
 
     evaluate = commands.add_parser("eval", help="per-task accuracy of runs, scored by lm-evaluation-harness")
     evaluate.add_argument("runs", nargs="+", help="run folders written by `comoe-peft train`")
@@ -94,30 +66,120 @@ def build_parser() -> argparse.ArgumentParser:
                                           "be in the local Hugging Face cache) instead of the run's held-out examples")
     evaluate.add_argument("--limit", type=int, help="at most this many examples per task (results not stored)")
     evaluate.add_argument("--overwrite", action="store_true", help="recompute stored results")
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--batch-size", type=positive_int, default=16)
 
     analyze = commands.add_parser("analyze", help="expert-specialisation report of a comoe or moe run")
     analyze.add_argument("run", help="run folder written by `comoe-peft train`")
     analyze.add_argument("--overwrite", action="store_true", help="redo an existing analysis")
-    analyze.add_argument("--max-examples-per-task", type=int)
+    analyze.add_argument("--max-examples-per-task", type=positive_int)
     return parser
 
 
-def run_train(args: argparse.Namespace) -> None:
-    """`comoe-peft train`: fine-tune one method into a new run folder (`comoe_peft.experiments.jobs.train`)."""
-    from .jobs import TrainOptions, train
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text})")
+    return value
 
-    options = TrainOptions(
-        output_dir=args.output_dir, method=args.method, tasks=args.tasks, dataset=args.dataset, model=args.model,
-        preset=args.preset, seed=args.seed, overwrite=args.overwrite, cache_dir=args.cache_dir,
-        num_experts=args.num_experts, top_k=args.top_k, rank=args.rank,
-        contrastive_loss_coef=args.contrastive_loss_coef, contrastive_temperature=args.contrastive_temperature,
-        max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
-        learning_rate=args.learning_rate, max_train_per_task=args.max_train_per_task, test_size=args.test_size,
-        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, save_steps=args.save_steps,
-        bf16=args.bf16, routing_eval_steps=args.routing_eval_steps, router_lr_multiplier=args.router_lr_multiplier,
-        padding_free=args.padding_free,
-    )
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """The parser of `comoe-peft train`: TRL's `TrlParser` over `ScriptArguments`, `CoMoESFTConfig` and the
+    adapter fields of `CoMoEConfig`, plus `--config` and the old flags' aliases; its defaults (shown by `--help`)
+    are the job's with the default preset."""
+    from trl import TrlParser
+
+    from comoe_peft.training.trainer import CoMoESFTConfig
+
+    from .options import TRAINER_ALIASES, ScriptArguments, adapter_arguments, load_preset
+
+    class TrainParser(TrlParser):
+        error = OneLineParser.error  # one line, not argparse's usage of 200 options
+
+    parser = TrainParser([ScriptArguments, CoMoESFTConfig, adapter_arguments()], prog="comoe-peft train",
+                         description=TRAIN_HELP.split(" (")[0], allow_abbrev=False,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="options as a YAML mapping (flag names without dashes); over the preset, under flags")
+    actions = {action.dest: action for action in parser._actions}
+    for alias, dest in TRAINER_ALIASES.items():
+        parser.add_argument(alias, dest=dest, type=actions[dest].type, help=f"same as --{dest}")
+    actions["bf16"].nargs, actions["bf16"].const = "?", True  # TRL's bool | None: --bf16 alone means true
+    actions["bf16"].help = ("bf16 mixed precision (autocast); default: on for GPUs that support it, off on CPUs "
+                            "(on a CPU worth it only with AVX512-BF16 or AMX)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_const", const=False, help="same as --bf16 false")
+    actions["output_dir"].help = "The run folder to create (required)."
+    parser.set_defaults_with_config(**load_preset("default"), seed=0)
+    return parser
+
+
+def given_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """The options the user gave: the `--config` file's (its `env` mapping is exported, as TRL does), then the
+    flags over them; a `RunError` for an unreadable file or a key that is no option."""
+    from .options import read_yaml_options
+    from .runs import RunError
+    from .tasks import close_matches
+
+    argv, config_file = split_config(argv)
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            values = {str(k).replace("-", "_"): v for k, v in read_yaml_options(config_file).items()}
+        except ValueError as error:
+            raise RunError(f"{error}; fix --config") from None
+        env = values.pop("env", {})
+        if not isinstance(env, dict):
+            raise RunError(f"'env' in '{config_file}' must be a mapping of environment variables to values")
+        os.environ.update({str(k): str(v) for k, v in env.items()})
+        known = {action.dest for action in parser._actions} - {"help", "config"}
+        for key in values:
+            if key not in known:
+                close = close_matches(key, known, n=1)
+                hint = f"did you mean {close[0]}?" if close else "see comoe-peft train --help for the options"
+                raise RunError(f"'{config_file}' sets '{key}', which is no option of comoe-peft train; {hint}")
+    if "-h" in argv or "--help" in argv:
+        parser.parse_args(list(argv))  # the help, with the defaults of the job and the default preset; exits
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default = argparse.SUPPRESS  # the namespace then holds only what was typed
+    return values | vars(parser.parse_args(list(argv)))
+
+
+def split_config(argv: Sequence[str]) -> tuple[list[str], str | None]:
+    """`argv` without `--config FILE` (or `--config=FILE`), and FILE (None without one)."""
+    rest, config = [], None
+    items = iter(argv)
+    for item in items:
+        if item == "--config":
+            config = next(items, None)
+            if config is None:
+                from .runs import RunError
+
+                raise RunError("--config needs a file: --config run.yaml")
+        elif item.startswith("--config="):
+            config = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return rest, config
+
+
+def parse_train_args(argv: Sequence[str]):
+    """The `TrainOptions` of a `comoe-peft train` command line (values unchecked until `TrainOptions.resolved`)."""
+    from .jobs import TrainOptions
+    from .options import train_options_kwargs
+
+    values = given_values(build_train_parser(), argv)
+    return TrainOptions(**({"output_dir": ""} | train_options_kwargs(values)))
+
+
+def run_train(argv: Sequence[str]) -> None:
+    """`comoe-peft train`: fine-tune one method into a new run folder (`comoe_peft.experiments.jobs.train`)."""
+    from .jobs import train
+
+    options = parse_train_args(argv)
     folder = train(options)
     print(f"run written to {folder}")
 
@@ -182,7 +244,7 @@ def missing_package_message(packages: Sequence[str]) -> str:
             f"{', '.join(packages)}); install it with {EXTRA_HINT}")
 
 
-@contextlib.contextmanager
+@contextmanager
 def progress_messages() -> Iterator[None]:
     """Show comoe_peft's INFO log lines (downloads and conversions into the cache) on stderr while the command runs."""
     package_logger = logging.getLogger("comoe_peft")
@@ -199,19 +261,65 @@ def progress_messages() -> Iterator[None]:
         package_logger.setLevel(previous)
 
 
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """While a command runs, no deprecation warnings of the libraries (FutureWarning / DeprecationWarning raised in
+    transformers, trl, peft, ...: they are for the library's own callers, not the command's users). The library
+    itself silences nothing."""
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
+        yield
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises `SystemExit(143)` instead of killing the process, so a run's clean-up runs (its staging
+    folder is removed; a checkpointed `.RUN.partial/` stays to be resumed)."""
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def split_command(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The top-level arguments of a command line, and for `train` the rest, which `parse_train_args` reads."""
+    argv = list(argv)
+    command_at = next((i for i, item in enumerate(argv) if not item.startswith("-")), len(argv))
+    rest: list[str] = []
+    if argv[command_at:command_at + 1] == ["train"]:
+        argv, rest = argv[:command_at + 1], argv[command_at + 1:]
+    return build_parser().parse_args(argv), rest
+
+
+def parse_command(argv: Sequence[str]) -> Any:
+    """A whole command line parsed without running it (for the documentation's checks): the `TrainOptions` of a
+    `train`, else the argparse namespace. Errors raise SystemExit (the parser's) or `RunError`."""
+    args, rest = split_command(argv)
+    return parse_train_args(rest) if args.command == "train" else args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `comoe-peft` console script and of `python -m comoe_peft`."""
+    args, rest = split_command(sys.argv[1:] if argv is None else argv)
     from .runs import RunError
 
-    args = build_parser().parse_args(argv)
-    handlers = {"train": run_train, "eval": run_eval, "analyze": run_analyze}
+    handlers = {"train": lambda: run_train(rest), "eval": lambda: run_eval(args), "analyze": lambda: run_analyze(args)}
     try:
         missing = missing_extra_packages()
         if missing:
             print(missing_package_message(missing), file=sys.stderr)
             return EXIT_USAGE
-        with progress_messages():
-            handlers[args.command](args)
+        with quiet_libraries(), stop_on_sigterm(), progress_messages():
+            handlers[args.command]()
     except RunError as error:
         if args.debug:
             raise

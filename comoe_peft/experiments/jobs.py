@@ -25,7 +25,17 @@ from datasets import Dataset, load_from_disk
 
 from comoe_peft import __version__
 from comoe_peft.tuner.config import CoMoEConfig
-from .data import load_examples, to_sft_dataset, train_test_split_per_task
+from .data import format_prompt, load_examples, to_sft_dataset, train_test_split_per_task
+from .options import (
+    EXPERT_METHODS,
+    METHODS,
+    TARGET_MODULES,
+    ScriptArguments,
+    command_values,
+    load_preset,
+    preset_names,
+    train_options_kwargs,
+)
 from comoe_peft.tuner.registration import write_loading_note
 from .runs import (
     ADAPTER_DIR,
@@ -41,107 +51,89 @@ from .runs import (
     RunError,
     finish_run,
     last_checkpoint,
+    missing_parents,
     open_run,
+    remove_empty_folders,
     start_resumable_run,
     start_run,
     write_json,
 )
+from .validation import TRAINING_ONLY
 
-METHODS = ("comoe", "moe", "lora", "base")
-EXPERT_METHODS = ("comoe", "moe")
 SAVE_TOTAL_LIMIT = 2  # the newest checkpoint, and the one before in case the newest was cut short
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 logger = logging.getLogger(__name__)
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # measured on a 2-core CPU, model and task files cached: train 33 s, eval 27 s, analyze 15 s (eval: the old
-    # hand-written scorer; lm-eval, which eval runs now, took 1.9x its CPU time, docs/benchmarks.md)
-    "quick": dict(max_steps=12, batch_size=4, max_length=96, learning_rate=1e-3, max_train_per_task=64,
-                  test_size=12, analysis_examples_per_task=8),
-    # measured on a 2-core CPU, model and task files cached: train 541 s, eval 91 s, analyze 32 s
-    "default": dict(max_steps=100, batch_size=8, max_length=128, learning_rate=5e-4, max_train_per_task=600,
-                    test_size=60, analysis_examples_per_task=32),
-}
+
+def _preset(name: str) -> dict[str, Any]:
+    """A shipped preset under `TrainOptions`' names."""
+    kwargs = train_options_kwargs(load_preset(name))
+    return {k: v for k, v in kwargs.items() if k not in ("extra", "adapter_extra")}
 
 
-@dataclass
-class TrainOptions:
-    """Everything `comoe-peft train` needs; the preset fills the fields left as None."""
+# the settings of `--preset quick` and `--preset default`, read from comoe_peft/experiments/presets/*.yaml
+PRESETS: dict[str, dict[str, Any]] = {name: _preset(name) for name in preset_names()}
+
+
+@dataclass(kw_only=True)
+class TrainOptions(ScriptArguments):
+    """Everything `comoe-peft train` needs: the job's `ScriptArguments` plus the trainer and adapter settings the
+    job has always had, under short names; the preset fills the fields left as None.
+
+    `extra`: any other `CoMoESFTConfig` / `SFTConfig` field (TRL's names), passed to the trainer over the job's
+    settings; `adapter_extra`: any other adapter field of `comoe_peft.experiments.options.ADAPTER_FIELD_TYPES`
+    (peft's names), passed to the adapter config.
+    """
 
     output_dir: str
-    method: str = "comoe"
-    tasks: str = "default"
-    dataset: str | None = None
-    model: str | None = None
-    preset: str = "default"
     seed: int = 0
-    overwrite: bool = False
-    cache_dir: str | None = None
     num_experts: int = 4
     top_k: int = 2
     rank: int = 16
     lora_dropout: float = 0.05
     contrastive_loss_coef: float = 0.01
     contrastive_temperature: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
     max_steps: int | None = None
     batch_size: int | None = None
     max_length: int | None = None
     learning_rate: float | None = None
-    max_train_per_task: int | None = None
-    test_size: int | None = None
-    analysis_examples_per_task: int | None = None
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
     save_steps: int | None = None
     bf16: bool | None = None
     router_lr_multiplier: float = 1.0
     padding_free: bool = False
-    routing_eval_steps: list[int] = field(default_factory=list)
-    routing_probe_per_task: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
+    adapter_extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainOptions:
-        """A copy with every None field taken from the preset; checks the method and preset names."""
-        if self.method not in METHODS:
-            raise RunError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        """A copy with every None field taken from the preset, after checking every value
+        (`comoe_peft.experiments.validation.check_train_values`; a `RunError` names the first bad one)."""
+        from .validation import check_train_values
+
         if self.preset not in PRESETS:
-            raise RunError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        check_quantization(self.load_in_4bit, self.load_in_8bit)
-        self.check_steps()
-        values = {k: v for k, v in dataclasses.asdict(self).items()}
+            check_train_values({"output_dir": self.output_dir, "method": self.method, "preset": self.preset})
+        values = dataclasses.asdict(self)
         for name, value in PRESETS[self.preset].items():
             if values[name] is None:
                 values[name] = value
+        for name in ("save_steps", "max_steps"):  # TRL reads steps as floats; the job counts whole steps
+            if isinstance(values[name], float) and values[name].is_integer():
+                values[name] = int(values[name])
+        options = TrainOptions(**values)
+        check_train_values(command_values(options), self.training_only_given())  # given: before the preset
+        check_quantization(self.load_in_4bit, self.load_in_8bit)
         if self.method == "base":
-            values["max_steps"] = 0  # trains nothing
-        values["routing_eval_steps"] = sorted(set(self.routing_eval_steps))
-        return TrainOptions(**values)
+            options.max_steps = 0  # trains nothing
+        options.routing_eval_steps = sorted(set(self.routing_eval_steps))
+        return options
 
-    def check_steps(self) -> None:
-        """Refuse step counts that cannot work: a base run with steps, a training run without, bad intervals."""
-        if self.method == "base":
-            training_only = {"--max-steps": self.max_steps, "--save-steps": self.save_steps,
-                             "--routing-eval-steps": self.routing_eval_steps, "--bf16": self.bf16,
-                             "--padding-free": self.padding_free,
-                             "--router-lr-multiplier": self.router_lr_multiplier != 1}
-            if given := [flag for flag, value in training_only.items() if value]:
-                raise RunError("--method base trains nothing (it scores the base model zero-shot); drop "
-                               + ", ".join(given))
-            return
-        if self.max_steps is not None and self.max_steps < 1:
-            raise RunError(f"--max-steps must be at least 1 for --method {self.method}, got {self.max_steps} "
-                           "(use --method base for the untrained base model)")
-        if self.save_steps is not None and self.save_steps < 1:
-            raise RunError(f"--save-steps must be at least 1, got {self.save_steps}")
-        if any(s < 1 for s in self.routing_eval_steps):
-            raise RunError(f"--routing-eval-steps must be steps >= 1, got {self.routing_eval_steps}")
-        if self.routing_eval_steps and self.method not in EXPERT_METHODS:
-            raise RunError(f"--routing-eval-steps needs experts to route to; --method {self.method} has none")
-        if self.router_lr_multiplier <= 0 or (self.router_lr_multiplier != 1 and self.method not in EXPERT_METHODS):
-            raise RunError(f"--router-lr-multiplier must be positive and is for comoe / moe (routers); got "
-                           f"{self.router_lr_multiplier} with --method {self.method}")
-        if self.routing_probe_per_task < 1:
-            raise RunError(f"the routing probe needs at least 1 example per task, got {self.routing_probe_per_task}")
+    def training_only_given(self) -> list[str]:
+        """The options set here that only a training run has, under the command's names."""
+        values = command_values(self)
+        given = [name for name in TRAINING_ONLY if values[name] is not None and values[name] is not False
+                 and values[name] != [] and values[name] != 0]
+        if self.router_lr_multiplier == 1:
+            given = [name for name in given if name != "comoe_router_lr_multiplier"]
+        return given + list(self.extra) + list(self.adapter_extra)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -224,35 +216,43 @@ def load_base_model(
 
 
 def adapter_config(options: TrainOptions, model: torch.nn.Module):
-    """The peft config of a method: CoMoE, MoE-LoRA (CoMoE without the contrastive term) or matched LoRA."""
+    """The peft config of a method: CoMoE, MoE-LoRA (CoMoE without the contrastive term) or matched LoRA, with the
+    `adapter_extra` fields (`lora_alpha` defaults to 2 r)."""
     from peft import LoraConfig
 
-    if options.method in ("comoe", "moe"):
-        return CoMoEConfig(
-            r=options.rank,
-            lora_alpha=2 * options.rank,
-            lora_dropout=options.lora_dropout,
-            num_experts=options.num_experts,
-            top_k=options.top_k,
-            target_modules=TARGET_MODULES,
-            contrastive_loss_coef=options.contrastive_loss_coef if options.method == "comoe" else 0.0,
-            contrastive_temperature=options.contrastive_temperature,
-            task_type="CAUSAL_LM",
-        )
-    rank = matched_lora_rank(model, options.num_experts, options.rank)
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=options.lora_dropout,
-                      target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+    extra = dict(options.adapter_extra)
+    if options.method in EXPERT_METHODS:
+        return CoMoEConfig(**{
+            "r": options.rank,
+            "lora_alpha": 2 * options.rank,
+            "lora_dropout": options.lora_dropout,
+            "num_experts": options.num_experts,
+            "top_k": options.top_k,
+            "target_modules": list(options.target_modules),
+            "contrastive_loss_coef": options.contrastive_loss_coef if options.method == "comoe" else 0.0,
+            "contrastive_temperature": options.contrastive_temperature,
+            "task_type": "CAUSAL_LM",
+        } | {k: v for k, v in extra.items() if v is not None})
+    rank = matched_lora_rank(model, options.num_experts, options.rank, options.target_modules)
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    return LoraConfig(**{"r": rank, "lora_alpha": 2 * rank, "lora_dropout": options.lora_dropout,
+                         "target_modules": list(options.target_modules), "task_type": "CAUSAL_LM"}
+                      | {k: v for k, v in extra.items() if k in lora_fields and v is not None})
 
 
-def matched_lora_rank(model: torch.nn.Module, num_experts: int, rank: int) -> int:
-    """LoRA rank whose trainable parameters match CoMoE's N experts of rank r plus the routers on the targets."""
+def matched_lora_rank(model: torch.nn.Module, num_experts: int, rank: int,
+                      target_modules: list[str] | None = None) -> int:
+    """LoRA rank whose trainable parameters match CoMoE's N experts of rank r plus the routers on the targets
+    (`target_modules`: module-name suffixes, default the attention projections)."""
+    targets = list(target_modules or TARGET_MODULES)
     in_out, ins = 0, 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES:
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             in_out += module.in_features + module.out_features
             ins += module.in_features
     if in_out == 0:
-        raise RunError(f"the model has none of the target modules {TARGET_MODULES}; it is not a Llama-like model")
+        raise RunError(f"the model has none of the target modules {', '.join(targets)}; choose --target-modules "
+                       "among its linear layers")
     comoe_params = num_experts * rank * in_out + num_experts * ins
     return max(1, round(comoe_params / in_out))
 
@@ -268,10 +268,15 @@ def train(options: TrainOptions) -> Path:
     """
     options = options.resolved()
     resumable = options.save_steps is not None
-    if resumable:
-        staging = start_resumable_run(options.output_dir, options.overwrite, dataclasses.asdict(options))
-    else:
-        staging = start_run(options.output_dir, options.overwrite)
+    new_folders = missing_parents(options.output_dir)  # removed again if the run fails and leaves them empty
+    try:
+        if resumable:
+            staging = start_resumable_run(options.output_dir, options.overwrite, dataclasses.asdict(options))
+        else:
+            staging = start_run(options.output_dir, options.overwrite)
+    except BaseException:
+        remove_empty_folders(new_folders)
+        raise
     try:
         mixture = load_mixture(options)  # data errors first: they are cheaper to find than a model load
         try:
@@ -288,6 +293,7 @@ def train(options: TrainOptions) -> Path:
 
         if not (resumable and last_checkpoint(staging)):  # a checkpointed run keeps its partial folder
             shutil.rmtree(staging, ignore_errors=True)
+        remove_empty_folders(new_folders)
         raise
 
 

@@ -80,6 +80,21 @@ def start_run(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return staging
 
 
+def missing_parents(output_dir: str | os.PathLike) -> list[Path]:
+    """The folders above `output_dir` that do not exist yet (deepest first): what starting a run there creates."""
+    parent = Path(output_dir).expanduser().resolve().parent
+    return [folder for folder in [parent, *parent.parents] if not folder.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) as long as they are empty: a failed run leaves no empty `runs/` behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def partial_dir(output_dir: str | os.PathLike) -> Path:
     """Where a checkpointed run is built until it finishes: `.NAME.partial/` beside the run folder `NAME`."""
     target = Path(output_dir).expanduser().resolve()
@@ -100,7 +115,7 @@ def start_resumable_run(output_dir: str | os.PathLike, overwrite: bool, options:
         stored = {k: v for k, v in json.loads(saved.read_text(encoding="utf-8")).items() if k not in RESUME_IGNORED}
         differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
         if differ:
-            details = ", ".join(f"{k}: stored {stored.get(k)!r}, asked {wanted.get(k)!r}" for k in differ)
+            details = ", ".join(f"{k}: stored {_show(stored.get(k))}, asked {_show(wanted.get(k))}" for k in differ)
             raise RunError(f"'{staging}' holds an unfinished run started with other settings ({details}); start it "
                            "with the same options to resume it, or delete that folder to start again")
         return staging
@@ -152,6 +167,11 @@ def open_run(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if config.get("method") != "base" and not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
         raise RunError(f"run folder '{folder}' has no trained adapter in '{ADAPTER_DIR}/'; the training did not finish")
     return folder, config
+
+
+def _show(value: Any) -> str:
+    """An option's value in a message: as JSON (a list as [2, 5]; no value as not set), never Python's None."""
+    return "not set" if value is None else json.dumps(value)
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:

@@ -221,12 +221,20 @@ def _read_index(root: Path) -> set[str] | None:
     return set(json.loads(index.read_text())) if index.is_file() else None
 
 
+SUGGESTION_CUTOFF = 0.75  # difflib ratio: "navigat" -> navigate (0.93); "no_such_task" -> suicide_risk is 0.5
+
+
+def close_matches(name: str, available: Sequence[str] | set[str], n: int = 5) -> list[str]:
+    """The names of `available` close enough to `name` to be a typo of it (difflib), best first; [] if none is."""
+    return difflib.get_close_matches(name, sorted(available), n=n, cutoff=SUGGESTION_CUTOFF)
+
+
 def _check_known(names: Sequence[str], available: set[str] | None, root: Path) -> None:
     if available is None:
         return
     for name in names:
         if name not in available:
-            close = difflib.get_close_matches(name, sorted(available), n=5, cutoff=0.5)
+            close = close_matches(name, available)
             examples = close or sorted(n for n in available if "/" not in n)[:8]
             raise ValueError(
                 f"unknown BIG-bench task {name!r}; {'did you mean' if close else 'available include'}: "

@@ -1,0 +1,225 @@
+"""The options of `comoe-peft train`, each declared once, in one of three dataclasses.
+
+| dataclass | fields | names |
+|---|---|---|
+| `ScriptArguments` (here) | the job: method, tasks, data, model, preset, split sizes, quantization, ... | the job's own |
+| `comoe_peft.training.trainer.CoMoESFTConfig` | the trainer: `output_dir`, `max_steps`, `learning_rate`, `seed`, ... | TRL's |
+| `adapter_arguments()` (built from `CoMoEConfig`) | the adapter: `r`, `num_experts`, `top_k`, `target_modules`, ... | peft's |
+
+Every field is a flag (`--max_steps` or `--max-steps`) and a key of a `--config` / preset YAML file. The names never
+clash: `output_dir` and `seed` are the trainer's (the run folder, and the seed of the data and of training);
+the adapter's fields come from `CoMoEConfig` without its peft bookkeeping (`task_type`, `peft_type`, ...), the
+per-layer pattern dicts and the two router loss weights: `router_aux_loss_coef` is also a TRL field (for MoE base
+models, which it refuses otherwise), so CoMoE's balance and z-loss weights are set with the trainer's
+`comoe_router_aux_loss_coef` and `comoe_router_z_loss_coef`, which override the adapter's. Flags kept from the first versions of the command are aliases: `--batch-size`
+(`per_device_train_batch_size`), `--rank` (`r`), `--router-lr-multiplier` (`comoe_router_lr_multiplier`) and
+`--no-bf16` (`--bf16 false`).
+
+`TrainOptions` (`comoe_peft.experiments.jobs`), the job's programmatic form, keeps short names for the options it
+has always had (`TRAINER_NAMES`, `ADAPTER_NAMES`); every other trainer or adapter field travels in its `extra` or
+`adapter_extra` dict under the library's name. This module imports neither torch nor TRL at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+METHODS = ("comoe", "moe", "lora", "base")
+EXPERT_METHODS = ("comoe", "moe")
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PRESET_DIR = Path(__file__).with_name("presets")
+
+# trainer / adapter field -> the `TrainOptions` field that holds it
+TRAINER_NAMES = {
+    "output_dir": "output_dir",
+    "seed": "seed",
+    "max_steps": "max_steps",
+    "per_device_train_batch_size": "batch_size",
+    "learning_rate": "learning_rate",
+    "max_length": "max_length",
+    "save_steps": "save_steps",
+    "bf16": "bf16",
+    "padding_free": "padding_free",
+    "comoe_router_lr_multiplier": "router_lr_multiplier",
+}
+ADAPTER_NAMES = {
+    "r": "rank",
+    "num_experts": "num_experts",
+    "top_k": "top_k",
+    "lora_dropout": "lora_dropout",
+    "contrastive_loss_coef": "contrastive_loss_coef",
+    "contrastive_temperature": "contrastive_temperature",
+    "target_modules": "target_modules",
+}
+# the flags of the first versions of the command, kept as aliases of the trainer's fields
+TRAINER_ALIASES = {"--batch-size": "per_device_train_batch_size",
+                   "--router-lr-multiplier": "comoe_router_lr_multiplier"}
+
+# the CoMoEConfig fields that are options of the job, with the type the parser reads them as
+ADAPTER_FIELD_TYPES: dict[str, Any] = {
+    "r": int,
+    "lora_alpha": float | None,
+    "lora_dropout": float,
+    "num_experts": int,
+    "top_k": int,
+    "target_modules": list[str],
+    "exclude_modules": list[str] | None,
+    "layers_to_transform": list[int] | None,
+    "bias": Literal["none", "all", "comoe_only"],
+    "use_dora": bool,
+    "use_rslora": bool,
+    "router_init_std": float,
+    "router_jitter_noise": float,
+    "contrastive_loss_coef": float,
+    "contrastive_temperature": float,
+    "num_negatives": int | None,
+    "anchor": Literal["random", "all"],
+    "contrastive_layers": list[int] | None,
+}
+# where the job's defaults differ from CoMoEConfig's
+ADAPTER_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": None, "lora_dropout": 0.05,
+                                    "target_modules": TARGET_MODULES}
+ADAPTER_HELP = {
+    "r": "Rank of every LoRA expert (LoRA's rank is matched to N experts of this rank).",
+    "lora_alpha": "LoRA scaling numerator: expert outputs are scaled by lora_alpha / r (default: 2 r).",
+    "contrastive_loss_coef": "Weight lambda of the contrastive loss (comoe only; moe is comoe with 0).",
+}
+
+
+@dataclass
+class ScriptArguments:
+    """The options of the job itself (what to train on and how to split it); see `TrainOptions`."""
+
+    method: Literal["comoe", "moe", "lora", "base"] = field(default="comoe", metadata={"help": (
+        "comoe (default); moe = the same experts without the contrastive term; lora = peft LoRA with as many "
+        "trainable parameters; base = no adapter and no training (the zero-shot base model, scored by eval on the "
+        "same held-out split)")})
+    tasks: str = field(default="default", metadata={"help": (
+        "Comma-separated tasks, e.g. bigbench:navigate,synthetic:arithmetic,benchmark:arc-e ('default' = the "
+        "built-in mixture; benchmark:* reads the paper's benchmarks from the local Hugging Face cache).")})
+    dataset: str | None = field(default=None, metadata={"help": (
+        "Your own examples instead of --tasks: JSON/JSONL/Parquet files, a folder saved with datasets, or a cached "
+        "hub dataset (columns task, prompt, choices, answer).")})
+    model: str | None = field(default=None, metadata={
+        "help": "Local model folder or cached hub id (default: SmolLM2-135M-Instruct)."})
+    preset: str = field(default="default", metadata={"help": (
+        "A preset shipped with comoe-peft (comoe_peft/experiments/presets/NAME.yaml): quick = a smoke run (about "
+        "35 s of training on 2 CPU cores), default = about 9 minutes of training. --config and flags override it.")})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing run folder."})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "Where the model and task files are cached (default ~/.cache/comoe_peft)."})
+    max_train_per_task: int | None = field(default=None, metadata={
+        "help": "Training rows kept per task (from the preset)."})
+    test_size: int | None = field(default=None, metadata={"help": "Held-out rows per task (from the preset)."})
+    analysis_examples_per_task: int | None = field(default=None, metadata={
+        "help": "Rows per task that `comoe-peft analyze` feeds (from the preset)."})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the base model in 4-bit nf4 with bitsandbytes (pip install bitsandbytes)."})
+    load_in_8bit: bool = field(default=False, metadata={
+        "help": "Load the base model in 8-bit (LLM.int8()) with bitsandbytes."})
+    routing_eval_steps: list[int] = field(default_factory=list, metadata={"help": (
+        "comoe / moe: after these steps, measure routing entropy and the JS divergence between tasks on a few "
+        "held-out examples per task (RUN/routing_history.json).")})
+    routing_probe_per_task: int = field(default=8, metadata={
+        "help": "Held-out examples per task that --routing-eval-steps measures on."})
+
+
+@functools.cache
+def adapter_arguments() -> type:
+    """The dataclass of the adapter options: the `ADAPTER_FIELD_TYPES` fields of `CoMoEConfig`, with its help and
+    defaults, except the job's own defaults (`ADAPTER_DEFAULTS`: r 16, lora_alpha 2 r, dropout 0.05, the
+    attention projections)."""
+    from comoe_peft.tuner.config import CoMoEConfig
+
+    source = {f.name: f for f in dataclasses.fields(CoMoEConfig)}
+    fields = []
+    for name, kind in ADAPTER_FIELD_TYPES.items():
+        help_text = ADAPTER_HELP.get(name, source[name].metadata.get("help", "")).replace("%", "%%")
+        metadata: dict[str, Any] = {"help": help_text} | ({"aliases": ["--rank"]} if name == "r" else {})
+        if name in ADAPTER_DEFAULTS:
+            default = ADAPTER_DEFAULTS[name]
+        else:
+            default = source[name].default
+        if isinstance(default, list):
+            spec = field(default_factory=lambda value=tuple(default): list(value), metadata=metadata)
+        else:
+            spec = field(default=default, metadata=metadata)
+        fields.append((name, kind, spec))
+    adapter = dataclasses.make_dataclass("AdapterArguments", fields)
+    adapter.__module__ = __name__
+    adapter.__doc__ = "The adapter options: fields of `CoMoEConfig` (peft's names)."
+    return adapter
+
+
+def script_fields() -> set[str]:
+    """The names of the job's own options."""
+    return {f.name for f in dataclasses.fields(ScriptArguments)}
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with the package (`presets/*.yaml`)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml_options(path: str | Path) -> dict[str, Any]:
+    """The options of a preset or `--config` file: a YAML mapping of option names (a flag without its leading
+    dashes) to values; ValueError if the file cannot be read or is not a mapping."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"cannot read the config file '{path}': {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"the config file '{path}' is not valid YAML ({' '.join(str(error).split())})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"the config file '{path}' must hold a YAML mapping of option: value")
+    return loaded
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The options of the shipped preset `name`, under the command's names (`per_device_train_batch_size`, ...)."""
+    if name not in preset_names():
+        raise ValueError(f"--preset must be one of {', '.join(preset_names())} (got {name!r}); pass your own "
+                         "settings with --config FILE.yaml instead")
+    return read_yaml_options(PRESET_DIR / f"{name}.yaml")
+
+
+def train_options_kwargs(values: dict[str, Any]) -> dict[str, Any]:
+    """`TrainOptions` keyword arguments from option values under the command's names: the job's options and the
+    mapped trainer / adapter fields by their `TrainOptions` names, every other field in `extra` (trainer) or
+    `adapter_extra` (adapter)."""
+    script, adapter = script_fields(), set(ADAPTER_FIELD_TYPES)
+    kwargs: dict[str, Any] = {"extra": {}, "adapter_extra": {}}
+    for name, value in values.items():
+        if name in script:
+            kwargs[name] = value
+        elif name in TRAINER_NAMES:
+            kwargs[TRAINER_NAMES[name]] = value
+        elif name in ADAPTER_NAMES:
+            kwargs[ADAPTER_NAMES[name]] = value
+        elif name in adapter:
+            kwargs["adapter_extra"][name] = value
+        else:
+            kwargs["extra"][name] = value
+    return kwargs
+
+
+def command_values(options: Any) -> dict[str, Any]:
+    """The inverse of `train_options_kwargs`: a `TrainOptions`' values under the command's names."""
+    values = {f.name: getattr(options, f.name) for f in dataclasses.fields(ScriptArguments)}
+    for names in (TRAINER_NAMES, ADAPTER_NAMES):
+        values |= {name: getattr(options, own) for name, own in names.items()}
+    return values | dict(options.extra) | dict(options.adapter_extra)
+
+
+def flag(name: str) -> str:
+    """How a message names an option: its flag as users type it (`--batch-size` for the batch size)."""
+    aliases = {dest: alias for alias, dest in TRAINER_ALIASES.items()} | {"r": "--rank"}
+    return aliases.get(name, "--" + name.replace("_", "-"))
