@@ -2,6 +2,6 @@
 
 import sys
 
-from comoe_peft.experiments.cli import main
+from comoe_peft_launcher import main
 
 sys.exit(main())

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import tiny_llama
 
-from comoe_peft.experiments.cli import main
+from comoe_peft_launcher import main
 from comoe_peft.experiments.jobs import PRESETS, matched_lora_rank
 from comoe_peft.experiments.runs import RunError, finish_run, start_run
 

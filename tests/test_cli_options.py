@@ -18,7 +18,8 @@ import pytest
 
 import comoe_peft.experiments.jobs as jobs
 import comoe_peft.experiments.pretrained as pretrained
-from comoe_peft.experiments.cli import main, parse_train_args, quiet_libraries
+from comoe_peft.experiments.cli import parse_train_args
+from comoe_peft_launcher import main, quiet_libraries
 from comoe_peft.experiments.options import PRESET_DIR, ScriptArguments, adapter_arguments
 from comoe_peft.experiments.tasks import close_matches
 
@@ -159,11 +160,35 @@ def test_config_and_flag_overrides_train_a_run(tmp_path, capsys, tiny_model_dir,
     assert adapter["r"] == 2 and adapter["lora_alpha"] == 4
 
 
-def test_top_level_help_imports_no_trl():
-    code = ("import sys; from comoe_peft.experiments.cli import build_parser; text = build_parser().format_help(); "
-            "print('trl' in sys.modules, 'train' in text and 'analyze' in text)")
+@pytest.mark.parametrize("argv", [["--help"], [], ["trian"], ["eval", "--batch-size", "0", "run"]])
+def test_help_and_usage_errors_import_neither_torch_nor_the_package(argv):
+    """`comoe-peft --help` and the top level's one-line usage errors are answered by the launcher before the
+    package (peft, torch: seconds of CPU) is imported."""
+    code = ("import sys, comoe_peft_launcher\n"
+            f"try:\n    comoe_peft_launcher.main({argv!r})\nexcept SystemExit as stop:\n    code = stop.code\n"
+            "print(code, sorted(m for m in ('torch', 'peft', 'trl', 'comoe_peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "[]", out.stdout + out.stderr[-2000:]
+    status = out.stdout.split()[0]
+    assert status == ("0" if argv == ["--help"] else "2"), out.stdout
+    if argv == ["--help"]:
+        assert "train" in out.stdout and "analyze" in out.stdout
+    else:
+        assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("comoe-peft: error:"), out.stderr
+
+
+def test_bitsandbytes_optional_kernel_note_is_quiet_in_commands_only(caplog):
+    import logging
+
+    note = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        with quiet_libraries():
+            bnb_logger.warning(note)
+            bnb_logger.warning("another bitsandbytes warning")
+        bnb_logger.warning(note)
+    messages = [r.getMessage() for r in caplog.records if r.name == bnb_logger.name]
+    assert messages == ["another bitsandbytes warning", note]
 
 
 def test_train_help_lists_every_dataclass_field():

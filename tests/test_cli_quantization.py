@@ -11,7 +11,8 @@ from test_qlora import width64_llama
 
 import comoe_peft.experiments.jobs as jobs
 import comoe_peft.experiments.pretrained as pretrained
-from comoe_peft.experiments.cli import main, parse_train_args
+from comoe_peft.experiments.cli import parse_train_args
+from comoe_peft_launcher import main
 
 
 @pytest.fixture(scope="module")

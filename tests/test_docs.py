@@ -18,7 +18,7 @@ Rule: every code block on the site either runs in a test or is a notebook cell (
     - `accelerate launch ...`: parsed with accelerate's own argument parser; its `--config_file` exists and loads
       with accelerate's config loader; its script exists in the repository or is a ```python title="<script>" block
       of the docs;
-    - `comoe-peft ...`: parsed with the command's own argument parsers (`comoe_peft.experiments.cli.parse_command`,
+    - `comoe-peft ...`: parsed with the command's own argument parsers (`comoe_peft_launcher.parse_command`,
       `--config` files named from the repository root);
     - anything else fails the test, so that a new kind of command gets a check.
 """
@@ -54,6 +54,10 @@ CONFIG_PAGE = DOCS / "configuration.md"
 # here, so that nothing is left out by accident.
 NOT_DOCUMENTED = {
     "comoe_peft.__main__": "`python -m comoe_peft`, the same as the `comoe-peft` command",
+    # the layers' packages only hand their modules' names on (docs/architecture.md describes the layers)
+    "comoe_peft.tuner": "re-exports the tuner modules' public names",
+    "comoe_peft.training": "re-exports the training modules' public names",
+    "comoe_peft.experiments": "a package docstring only",
 }
 
 SUBPROCESS_ENV = {
@@ -134,8 +138,38 @@ def run_blocks(blocks: list[tuple[str, str]], cwd: Path, timeout: int = 600) -> 
 
 def test_docs_have_only_python_and_bash_blocks():
     assert ALL_BLOCKS, "no code blocks found in docs/"
-    others = [f"{b.label} ```{b.language}" for b in ALL_BLOCKS if b.language not in ("python", "bash")]
+    others = [f"{b.label} ```{b.language}" for b in ALL_BLOCKS if b.language not in ("python", "bash")
+              and not (b.language == "text" and "architecture.md" in b.label)]  # checked below
     assert not others, f"code blocks that no test runs or checks: {others}"
+
+
+def test_architecture_picture_lists_each_layers_modules():
+    """The picture of the three layers on docs/architecture.md names exactly the modules each layer has."""
+    picture = next(b.code for b in ALL_BLOCKS if "architecture.md" in b.label and b.language == "text")
+    listed: dict[str, set[str]] = {}
+    layer = None
+    for line in picture.splitlines():
+        head = re.match(r"\s*comoe_peft\.(tuner|training|experiments)\s+(.*)", line)
+        if head:
+            layer, line = head.group(1), head.group(2)
+        elif not line.startswith(" " * 20) or layer is None:
+            layer = None if not line.startswith(" " * 20) else layer
+            continue
+        words = re.findall(r"\b([a-z_]+)\b(?![.(])", re.sub(r"\(.*?\)", "", line))
+        listed.setdefault(layer, set()).update(words)
+    for name in ("tuner", "training", "experiments"):
+        folder = ROOT / "comoe_peft" / name
+        actual = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+        assert actual <= listed.get(name, set()), f"docs/architecture.md: {name} lacks {sorted(actual - listed[name])}"
+
+
+def test_architecture_token_path_names_what_exists():
+    """The token's path on docs/architecture.md names tuner objects that exist (module.Name)."""
+    path = [b.code for b in ALL_BLOCKS if "architecture.md" in b.label and b.language == "text"][1]
+    named = re.findall(r"\b([a-z_]+)\.([A-Za-z_]+)\b", path)
+    assert named, "the token's path names no tuner object"
+    for module, name in named:
+        assert hasattr(importlib.import_module(f"comoe_peft.tuner.{module}"), name), f"{module}.{name}"
 
 
 @pytest.mark.parametrize("page", PYTHON_PAGES, ids=[p.name for p in PYTHON_PAGES])
@@ -184,13 +218,13 @@ def check_accelerate(argv: list[str], label: str) -> None:
 
 
 def check_comoe_peft(argv: list[str], label: str) -> None:
-    cli = pytest.importorskip("comoe_peft.experiments.cli", reason="comoe_peft.experiments.cli is not there yet")
     from comoe_peft.experiments.runs import RunError
+    from comoe_peft_launcher import parse_command
 
     cwd = os.getcwd()
     os.chdir(ROOT)  # --config files are named from the repository root
     try:
-        cli.parse_command(argv[1:])
+        parse_command(argv[1:])
     except (SystemExit, RunError) as error:
         raise AssertionError(f"{label}: `comoe-peft` rejects {shlex.join(argv)}") from error
     finally:
@@ -307,7 +341,7 @@ def public_objects(module_name: str) -> list[str]:
 
 
 def test_every_module_is_documented_or_excused():
-    modules = {f"comoe_peft.{m.name}" for m in pkgutil.iter_modules(comoe_peft.__path__)}
+    modules = {m.name for m in pkgutil.walk_packages(comoe_peft.__path__, prefix="comoe_peft.")}
     documented = set(documented_modules())
     missing = sorted(modules - documented - set(NOT_DOCUMENTED))
     assert not missing, f"add these modules to docs/api.md (or to NOT_DOCUMENTED with a reason): {missing}"

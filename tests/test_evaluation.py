@@ -178,7 +178,7 @@ def test_lm_eval_predicts_like_the_reference_scorer(arch, model, tokenizer, tmp_
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tiny_model_dir, examples_file):
     """A `--method base` run of the tiny model on the CLI examples (4 held-out per task)."""
-    from comoe_peft.experiments.cli import main
+    from comoe_peft_launcher import main
 
     run = tmp_path_factory.mktemp("runs") / "base"
     assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(examples_file), "--preset", "quick",
@@ -193,7 +193,7 @@ def _error_line(capsys) -> str:
 
 
 def test_cli_eval_scores_the_held_out_split_through_lm_eval(base_run, capsys):
-    from comoe_peft.experiments.cli import main
+    from comoe_peft_launcher import main
 
     capsys.readouterr()
     assert main(["eval", str(base_run)]) == 0
@@ -211,7 +211,7 @@ def test_cli_eval_scores_the_held_out_split_through_lm_eval(base_run, capsys):
 
 
 def test_cli_eval_unknown_or_missing_lm_eval_task_is_one_line(base_run, capsys):
-    from comoe_peft.experiments.cli import main
+    from comoe_peft_launcher import main
 
     capsys.readouterr()
     assert main(["eval", str(base_run), "--tasks", "no_such_task_xyz"]) == 2
@@ -247,7 +247,7 @@ def test_format_table_single_and_several_methods():
 def test_cli_eval_without_lm_eval_installed_is_one_line(base_run, capsys, monkeypatch):
     import importlib.util
 
-    from comoe_peft.experiments.cli import main
+    from comoe_peft_launcher import main
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
@@ -262,7 +262,7 @@ def test_cli_eval_tasks_scores_lm_eval_tasks_that_are_local(base_run, capsys, mo
     from lm_eval.tasks import TaskManager
 
     from comoe_peft.experiments import lm_eval_tasks
-    from comoe_peft.experiments.cli import main
+    from comoe_peft_launcher import main
 
     rows = [{"task": "yes_no", "prompt": f"question {i}", "choices": ["yes", "no"], "answer": "yes"} for i in range(5)]
     lm_eval_tasks.write_tasks(rows, tmp_path / "index")

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from comoe_peft.experiments import jobs
-from comoe_peft.experiments.cli import main
+from comoe_peft_launcher import main
 from comoe_peft.experiments.runs import partial_dir
 
 

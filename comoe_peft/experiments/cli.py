@@ -29,7 +29,6 @@ import logging
 import os
 import signal
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -37,53 +36,10 @@ from typing import Any
 from packaging.requirements import Requirement
 
 EXIT_USAGE = 2
+TRAIN_DESCRIPTION = "multi-task fine-tuning of one method into a run folder"
 EXTRA = "experiments"
 EXTRA_HINT = f'pip install "comoe-peft[{EXTRA}]" (in a clone: pip install -e ".[{EXTRA}]")'
 EXTRA_MODULES = frozenset({"matplotlib", "scipy", "tqdm", "gguf", "lm_eval"})  # what the experiments extra brings
-LIBRARIES = r"(transformers|trl|peft|accelerate|datasets|bitsandbytes)(\.|$)"
-TRAIN_HELP = "multi-task fine-tuning of one method into a run folder (comoe-peft train --help: every option)"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (`comoe-peft: error: ...`, exit 2) without the usage."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"comoe-peft: error: {message}; see {self.prog} --help", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser of `comoe-peft` and of `eval` / `analyze` (it imports nothing heavy: no torch, no
-    TRL); `train`'s options are parsed by `build_train_parser`."""
-    parser = OneLineParser(prog="comoe-peft", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("train", help=TRAIN_HELP, add_help=False)
-
-    evaluate = commands.add_parser("eval", help="per-task accuracy of runs, scored by lm-evaluation-harness")
-    evaluate.add_argument("runs", nargs="+", help="run folders written by `comoe-peft train`")
-    evaluate.add_argument("--tasks", help="comma-separated lm-eval task names (arc_easy, boolq, ...; their data must "
-                                          "be in the local Hugging Face cache) instead of the run's held-out examples")
-    evaluate.add_argument("--limit", type=int, help="at most this many examples per task (results not stored)")
-    evaluate.add_argument("--overwrite", action="store_true", help="recompute stored results")
-    evaluate.add_argument("--batch-size", type=positive_int, default=16)
-
-    analyze = commands.add_parser("analyze", help="expert-specialisation report of a comoe or moe run")
-    analyze.add_argument("run", help="run folder written by `comoe-peft train`")
-    analyze.add_argument("--overwrite", action="store_true", help="redo an existing analysis")
-    analyze.add_argument("--max-examples-per-task", type=positive_int)
-    return parser
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text})")
-    return value
 
 
 def build_train_parser() -> argparse.ArgumentParser:
@@ -97,10 +53,13 @@ def build_train_parser() -> argparse.ArgumentParser:
     from .options import TRAINER_ALIASES, ScriptArguments, adapter_arguments, load_preset
 
     class TrainParser(TrlParser):
-        error = OneLineParser.error  # one line, not argparse's usage of 200 options
+        def error(self, message: str) -> None:  # type: ignore[override]
+            # one line, not argparse's usage of 200 options
+            print(f"comoe-peft: error: {message}; see comoe-peft train --help", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
 
     parser = TrainParser([ScriptArguments, CoMoESFTConfig, adapter_arguments()], prog="comoe-peft train",
-                         description=TRAIN_HELP.split(" (")[0], allow_abbrev=False,
+                         description=TRAIN_DESCRIPTION, allow_abbrev=False,
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="options as a YAML mapping (flag names without dashes); over the preset, under flags")
@@ -262,17 +221,6 @@ def progress_messages() -> Iterator[None]:
 
 
 @contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """While a command runs, no deprecation warnings of the libraries (FutureWarning / DeprecationWarning raised in
-    transformers, trl, peft, ...: they are for the library's own callers, not the command's users). The library
-    itself silences nothing."""
-    with warnings.catch_warnings():
-        for category in (FutureWarning, DeprecationWarning):
-            warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
-        yield
-
-
-@contextmanager
 def stop_on_sigterm() -> Iterator[None]:
     """SIGTERM raises `SystemExit(143)` instead of killing the process, so a run's clean-up runs (its staging
     folder is removed; a checkpointed `.RUN.partial/` stays to be resumed)."""
@@ -290,26 +238,9 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def split_command(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    """The top-level arguments of a command line, and for `train` the rest, which `parse_train_args` reads."""
-    argv = list(argv)
-    command_at = next((i for i, item in enumerate(argv) if not item.startswith("-")), len(argv))
-    rest: list[str] = []
-    if argv[command_at:command_at + 1] == ["train"]:
-        argv, rest = argv[:command_at + 1], argv[command_at + 1:]
-    return build_parser().parse_args(argv), rest
-
-
-def parse_command(argv: Sequence[str]) -> Any:
-    """A whole command line parsed without running it (for the documentation's checks): the `TrainOptions` of a
-    `train`, else the argparse namespace. Errors raise SystemExit (the parser's) or `RunError`."""
-    args, rest = split_command(argv)
-    return parse_train_args(rest) if args.command == "train" else args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `comoe-peft` console script and of `python -m comoe_peft`."""
-    args, rest = split_command(sys.argv[1:] if argv is None else argv)
+def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    """Run a parsed command (`comoe_peft_launcher.main` parses it): `args` from the top-level parser, `rest` the
+    arguments of `train`. Returns the exit status: 0, or 2 after a one-line error."""
     from .runs import RunError
 
     handlers = {"train": lambda: run_train(rest), "eval": lambda: run_eval(args), "analyze": lambda: run_analyze(args)}
@@ -318,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing:
             print(missing_package_message(missing), file=sys.stderr)
             return EXIT_USAGE
-        with quiet_libraries(), stop_on_sigterm(), progress_messages():
+        with stop_on_sigterm(), progress_messages():
             handlers[args.command]()
     except RunError as error:
         if args.debug:
@@ -333,6 +264,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
