@@ -168,8 +168,8 @@ def test_help_and_usage_errors_import_neither_torch_nor_the_package(argv):
             f"try:\n    comoe_peft_launcher.main({argv!r})\nexcept SystemExit as stop:\n    code = stop.code\n"
             "print(code, sorted(m for m in ('torch', 'peft', 'trl', 'comoe_peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.stdout.split()[-1] == "[]", out.stdout + out.stderr[-2000:]
-    status = out.stdout.split()[0]
+    status, loaded = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert loaded == "[]", out.stdout + out.stderr[-2000:]
     assert status == ("0" if argv == ["--help"] else "2"), out.stdout
     if argv == ["--help"]:
         assert "train" in out.stdout and "analyze" in out.stdout
