@@ -94,9 +94,10 @@ def method_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
             "routing_eval_steps": routing_steps(args) if method in EXPERT_METHODS else []}
 
 
-def check_reused_run(args: argparse.Namespace, run_dir: Path, method: str, seed: int, overrides: dict) -> None:
-    """Refuse to reuse a finished run that was trained with other settings than the ones asked for now."""
-    stored = json.loads((run_dir / RUN_CONFIG).read_text())["options"]
+def check_reused_run(args: argparse.Namespace, stored: dict[str, Any], where: Path, method: str, seed: int,
+                     overrides: dict) -> None:
+    """Refuse to reuse a finished run (its folder or its committed result, at `where`) that was trained with other
+    settings than the ones asked for now; `stored` are its options."""
     steps = method_settings(args, method)
     wanted = {"method": method, "seed": seed, "tasks": args.tasks, "preset": args.preset, "model": args.model,
               "max_steps": steps["max_steps"], "test_size": args.test_size,
@@ -106,19 +107,36 @@ def check_reused_run(args: argparse.Namespace, run_dir: Path, method: str, seed:
     differ = {k: (stored.get(k), v) for k, v in wanted.items() if v is not None and stored.get(k) != v}
     if differ:
         details = ", ".join(f"{k}: stored {a!r}, asked {b!r}" for k, (a, b) in differ.items())
-        raise SystemExit(f"{run_dir} holds a run made with other settings ({details}); give another --out-dir, "
+        raise SystemExit(f"{where} holds a run made with other settings ({details}); give another --out-dir, "
                          "or delete that run to train it again")
+
+
+def committed_result(args: argparse.Namespace, name: str, method: str, seed: int,
+                     overrides: dict) -> dict[str, Any] | None:
+    """The result `OUT/results/NAME.json` of a run whose folder is not here (a fresh checkout: run folders stay
+    local, results are committed), checked against the settings asked for now; None if there is none."""
+    run_dir = Path(args.out_dir) / "runs" / name
+    stored = Path(args.out_dir) / "results" / f"{name}.json"
+    if run_dir.is_dir() or not stored.is_file():
+        return None
+    result = json.loads(stored.read_text(encoding="utf-8"))
+    check_reused_run(args, result["options"], stored, method, seed, overrides)
+    return result
 
 
 def run_one(args: argparse.Namespace, name: str, method: str, seed: int, **overrides: Any) -> dict[str, Any] | None:
     """Train (unless already done; an unfinished run resumes from its last checkpoint), evaluate and analyse one
-    run; write and return its results (None if `--report-only` and the run is not finished)."""
+    run; write and return its results (None if `--report-only` and the run is not finished). A run whose folder is
+    not here but whose committed result is, is taken from that result."""
     run_dir = Path(args.out_dir) / "runs" / name
+    if (reused := committed_result(args, name, method, seed, overrides)) is not None:
+        return reused
     if args.report_only and not (run_dir / "eval_results.json").is_file():
         print(f"not finished, left out of the report: {name}")
         return None
     if (run_dir / RUN_CONFIG).is_file():
-        check_reused_run(args, run_dir, method, seed, overrides)
+        stored = json.loads((run_dir / RUN_CONFIG).read_text())["options"]
+        check_reused_run(args, stored, run_dir, method, seed, overrides)
     else:
         options = TrainOptions(output_dir=str(run_dir), method=method, tasks=args.tasks, model=args.model,
                                preset=args.preset, seed=seed, test_size=args.test_size,

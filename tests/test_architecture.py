@@ -115,3 +115,11 @@ def test_unknown_top_level_name_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="no_such_name"):
         comoe_peft.no_such_name  # noqa: B018
+
+
+def test_lazy_top_level_names_are_the_training_layers_exports():
+    import comoe_peft
+    import comoe_peft.training
+
+    assert set(comoe_peft._LAZY) == set(comoe_peft.training.__all__)
+    assert all(getattr(comoe_peft, name) is getattr(comoe_peft.training, name) for name in comoe_peft._LAZY)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -159,6 +160,16 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
     assert "Routing during training" in text and "| comoe | 2 | " in text and "Total CPU time" in text
     for image in ("accuracy.png", "routing_over_training.png"):
         assert (tmp_path / "q" / image).read_bytes()[:4] == b"\x89PNG" and f"]({image})" in text
+
+    # a fresh checkout has the committed results but no run folders: the study takes the results, trains nothing
+    argv = ["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--max-steps", "2",
+            "--lambdas", "0.1", "--routing-points", "2", "--router-lr-multipliers", "10"]
+    shutil.rmtree(tmp_path / "q" / "runs")
+    again = quality.main(argv)
+    assert not (tmp_path / "q" / "runs").exists(), "nothing was trained again"
+    assert again["summary"]["accuracy"] == summary["accuracy"] and len(again["results"]) == len(report["results"])
+    with pytest.raises(SystemExit, match="other settings.*max_steps"):
+        quality.main([*argv[:-6], "--max-steps", "3"])
     # every finished run's small results are written beside the report, apart from the (git-ignored) run folders
     stored = json.loads((tmp_path / "q" / "results" / "comoe-s1.json").read_text())
     assert stored["accuracy"] == next(r for r in report["results"] if r["name"] == "comoe-s1")["accuracy"]
