@@ -21,6 +21,7 @@ import decode_speed
 import gpu_check
 import layer_speed
 import prototypes
+import router_diagnosis
 import train_step
 
 
@@ -312,3 +313,36 @@ def test_gpu_check_without_a_gpu_says_so_and_writes_nothing(tmp_path):
     with pytest.raises(SystemExit, match="no CUDA GPU.*--dry-run"):
         gpu_check.main(["--out-dir", str(tmp_path / "gpu")])
     assert not (tmp_path / "gpu").exists()
+
+
+def test_router_diagnosis_rebuilds_the_initial_weights_and_measures_the_drift(tmp_path, tiny_model_dir, examples_file):
+    from safetensors.torch import save_file
+
+    from comoe_peft.experiments import jobs
+
+    run = tmp_path / "run"
+    jobs.train(jobs.TrainOptions(output_dir=str(run), method="moe", dataset=str(examples_file),
+                                 model=str(tiny_model_dir), preset="quick", test_size=4, rank=2, max_steps=3,
+                                 learning_rate=0.05))
+    (row,) = router_diagnosis.main([str(run), "--batches", "2", "--out", str(tmp_path / "diag.json")])
+    assert set(row["drift"]) == set(router_diagnosis.KINDS) and all(v > 0 for v in row["drift"].values())
+    # B starts at zero: no expert output, so neither the router nor A gets a gradient at initialisation
+    assert row["gradient_at_init"]["comoe_router"]["rms"] == 0 and row["gradient_at_init"]["comoe_A"]["rms"] == 0
+    assert row["gradient_at_init"]["comoe_B"]["rms"] > 0 and row["gradient_at_end"]["comoe_router"]["rms"] > 0
+    assert 0 < row["router_logits_at_end"]["routing_entropy"] <= row["uniform_entropy"] + 1e-6
+    assert json.loads((tmp_path / "diag.json").read_text())["runs"][0]["drift"] == row["drift"]
+
+    # the rebuilt initialisation is the run's own: an adapter holding it shows no drift at all
+    scratch = tmp_path / "scratch"
+    trainer = router_diagnosis.initial_trainer(router_diagnosis.run_options(run, scratch), scratch)
+    initial = router_diagnosis.get_peft_model_state_dict(trainer.model)
+    save_file({k: v.contiguous() for k, v in initial.items()}, str(run / router_diagnosis.ADAPTER_FILE))
+    (untrained,) = router_diagnosis.main([str(run), "--batches", "2"])
+    assert untrained["drift"] == {kind: 0.0 for kind in router_diagnosis.KINDS}
+
+
+def test_router_diagnosis_refuses_a_folder_without_a_trained_adapter(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        router_diagnosis.main([str(tmp_path)])
+    assert stop.value.code == 2 and "is not a finished comoe / moe run folder" in capsys.readouterr().err
+
