@@ -15,8 +15,8 @@ expert A, expert B) it reports
 - the router logits on those batches: the per-token standard deviation across experts and the routing entropy
   (nats) it gives; for small logits the entropy is about log N - var / 2.
 
-    python benchmarks/router_diagnosis.py benchmarks/results/quality_v2/runs/{comoe,moe}-s0 \
-        --out benchmarks/results/quality_v2/router_diagnosis.json
+    python benchmarks/router_diagnosis.py benchmarks/results/quality_v2/runs/comoe-s0 \
+        benchmarks/results/quality_v2/runs/moe-s0 --out benchmarks/results/quality_v2/router_diagnosis.json
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,10 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batches < 2:
         parser.error("--batches must be at least 2 (the consistency compares batches)")
-    for run in args.runs:
-        if not (run / RUN_CONFIG).is_file() or not (run / ADAPTER_FILE).is_file():
-            parser.error(f"{run} is not a finished comoe / moe run folder (needs {RUN_CONFIG} and {ADAPTER_FILE})")
     return args
+
+
+def check_run_folders(runs: list[Path]) -> None:
+    """Exit 2 with one line when a folder is not a finished run (before anything is loaded)."""
+    for run in runs:
+        if not (run / RUN_CONFIG).is_file() or not (run / ADAPTER_FILE).is_file():
+            print(f"router_diagnosis.py: error: {run} is not a finished comoe / moe run folder (needs {RUN_CONFIG} "
+                  f"and {ADAPTER_FILE}); pass the run folders quality.py made", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def run_options(run_dir: Path, scratch: Path) -> TrainOptions:
@@ -208,6 +215,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    check_run_folders(args.runs)
     rows = [diagnose(run, args.batches) for run in args.runs]
     if args.out:
         write_json(args.out, {"batches": args.batches, "runs": rows})

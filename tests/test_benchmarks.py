@@ -345,4 +345,7 @@ def test_router_diagnosis_refuses_a_folder_without_a_trained_adapter(tmp_path, c
     with pytest.raises(SystemExit) as stop:
         router_diagnosis.main([str(tmp_path)])
     assert stop.value.code == 2 and "is not a finished comoe / moe run folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        router_diagnosis.main([str(tmp_path), "--batches", "1"])
+    assert stop.value.code == 2 and "--batches must be at least 2" in capsys.readouterr().err
 
