@@ -35,6 +35,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from comoe_peft.experiments.analysis_metrics import routing_entropy
 from comoe_peft.experiments.data import train_test_split_per_task
 from comoe_peft.experiments.jobs import (
     TrainOptions,
@@ -153,7 +154,7 @@ def router_logit_spread(model, batches: list[dict[str, torch.Tensor]]) -> dict[s
         x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])  # (T, d_in)
         logits = x @ module.comoe_router[module.active_adapters[0]].detach().float().T  # (T, N)
         stds.append(logits.std(dim=-1).mean().item())
-        entropies.append(torch.special.entr(logits.softmax(dim=-1)).sum(dim=-1).mean().item())
+        entropies.append(routing_entropy(logits.softmax(dim=-1)))
 
     handles = [layer.register_forward_pre_hook(hook) for layer in layers]
     try:
