@@ -280,14 +280,17 @@ def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argpar
     if sweeps:
         lines += ["", "## CoMoE sweeps (seed 0)", "",
                   "lambda = 0 is MoE-LoRA; the main CoMoE run of seed 0 is given as a reference row.", "",
-                  "| run | lambda | tau | N | overall accuracy | held-out contrastive loss | mean pairwise cosine |",
-                  "|---|---|---|---|---|---|---|"]
+                  "Routing entropy and JS between tasks are the finished run's analysis (`comoe-peft analyze`); "
+                  "the maximum entropy is log N.", "",
+                  "| run | lambda | tau | N | overall accuracy | held-out contrastive loss | mean pairwise cosine "
+                  "| routing entropy | JS between tasks |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in sweep_rows(references or [], sweeps):
             spec = r.get("specialisation", {})
+            cells = [f"{spec.get(key, float('nan')):.3f}" for key in
+                     ("contrastive_loss", "mean_pairwise_cosine", "routing_entropy", "mean_js_between_tasks")]
             lines.append(f"| {r['name']} | {r['lambda']:g} | {r['tau']:g} | {r['options'].get('num_experts')} | "
-                         f"{r['accuracy']['overall']['accuracy']:.3f} | "
-                         f"{spec.get('contrastive_loss', float('nan')):.3f} | "
-                         f"{spec.get('mean_pairwise_cosine', float('nan')):.3f} |")
+                         f"{r['accuracy']['overall']['accuracy']:.3f} | " + " | ".join(cells) + " |")
     if images:
         lines += ["", "## Plots", ""] + [f"![{title}]({path})" for title, path in images.items()]
     return "\n".join(lines) + "\n"

@@ -152,6 +152,9 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
     assert "Paired difference" in text and "synthetic:parity" in text and "Specialisation: base" not in text
     assert "| task | base | comoe | moe | lora |" in text
     assert "| moe-s0 | 0 | " in text and "| comoe-lambda0.1 | 0.1 | " in text, "the sweep table has its reference rows"
+    sweep_line = next(line for line in text.splitlines() if line.startswith("| comoe-lambda0.1 | 0.1 | "))
+    spec = report["sweeps"][0]["specialisation"]
+    assert sweep_line.endswith(f"| {spec['routing_entropy']:.3f} | {spec['mean_js_between_tasks']:.3f} |")
     pilot = summary["pilot"]
     assert set(pilot["lora_minus_base"]) == {"synthetic:arithmetic", "synthetic:parity"}
     accuracy = summary["accuracy"]
