@@ -28,12 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scipy import stats
+
 from comoe_peft.tuner.files import write_text_atomic
 from comoe_peft.experiments.jobs import EXPERT_METHODS, PRESETS, TrainOptions, analyze_run, evaluate_run, train
 from comoe_peft.experiments.runs import ROUTING_HISTORY, RUN_CONFIG, RunError, write_json
-
-T_CRITICAL_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -172,7 +171,14 @@ def mean_and_interval(values: list[float]) -> dict[str, float]:
     if n < 2:
         return {"mean": mean, "std": float("nan"), "ci95": float("nan"), "n": n}
     std = statistics.stdev(values)
-    return {"mean": mean, "std": std, "ci95": T_CRITICAL_95.get(n - 1, 1.96) * std / math.sqrt(n), "n": n}
+    return {"mean": mean, "std": std, "ci95": float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n), "n": n}
+
+
+def mean_cell(cell: dict[str, float], digits: int = 3) -> str:
+    """`mean ± std` of one table cell; a cell of one seed has no spread and says so."""
+    if cell["n"] < 2:
+        return f"{cell['mean']:.{digits}f} (1 seed)"
+    return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
 
 
 def summarise(results: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
@@ -257,8 +263,7 @@ def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argpar
              "", "## Accuracy (mean ± std over seeds)", "", "| task | " + " | ".join(methods) + " |",
              "|---|" + "---|" * len(methods)]
     for task in summary["tasks"]:
-        cells = [f"{summary['accuracy'][m][task]['mean']:.3f} ± {summary['accuracy'][m][task]['std']:.3f}"
-                 for m in methods]
+        cells = [mean_cell(summary["accuracy"][m][task]) for m in methods]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     if summary["paired_comoe_minus_moe"]:
         lines += ["", "## Paired difference CoMoE − MoE-LoRA (same seed and split)", "",
@@ -304,8 +309,8 @@ def arm_markdown(multiplier: str, arm: dict[str, Any]) -> list[str]:
         routing = arm["routing_over_training"].get(method)
         final = [routing[key][-1] if routing and routing[key][-1] else None
                  for key in ("routing_entropy", "mean_js_between_tasks")]
-        cells = [f"{c['mean']:.4f} ± {c['std']:.4f}" if c else "–" for c in final]
-        lines.append(f"| {method} | {table['overall']['mean']:.3f} ± {table['overall']['std']:.3f} | "
+        cells = [mean_cell(c, 4) if c else "–" for c in final]
+        lines.append(f"| {method} | {mean_cell(table['overall'])} | "
                      + " | ".join(cells) + " |")
     paired = arm["paired_comoe_minus_moe"].get("overall")
     if paired:
@@ -334,8 +339,7 @@ def routing_markdown(routing: dict[str, dict[str, Any]]) -> list[str]:
              "between task pairs.", "", "| method | step | routing entropy | JS between tasks |", "|---|---|---|---|"]
     for method, table in routing.items():
         for i, step in enumerate(table["steps"]):
-            cells = [f"{c['mean']:.4f} ± {c['std']:.4f}" if c else "–"
-                     for c in (table["routing_entropy"][i], table["mean_js_between_tasks"][i])]
+            cells = [mean_cell(c, 4) if c else "–" for c in (table["routing_entropy"][i], table["mean_js_between_tasks"][i])]
             lines.append(f"| {method} | {step} | " + " | ".join(cells) + " |")
     return lines
 

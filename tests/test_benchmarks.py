@@ -130,6 +130,17 @@ def load_quality():
     return quality
 
 
+def test_quality_interval_is_the_t_interval_and_one_seed_cells_say_so():
+    quality = load_quality()
+    three = quality.mean_and_interval([0.5, 0.6, 0.7])
+    assert three["mean"] == pytest.approx(0.6) and three["std"] == pytest.approx(0.1)
+    assert three["ci95"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3), "t(0.975, 2 dof) = 4.303"
+    assert quality.mean_and_interval([0.1] * 12)["ci95"] == pytest.approx(0.0)
+    assert quality.mean_cell(three) == "0.600 ± 0.100"
+    one = quality.mean_and_interval([0.782])
+    assert quality.mean_cell(one) == "0.782 (1 seed)" and quality.mean_cell(one, 4) == "0.7820 (1 seed)"
+
+
 def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path):
     model_dir = tiny_model_folder(tmp_path / "tiny-model")
     quality = load_quality()
