@@ -34,6 +34,7 @@ from comoe_peft.tuner.files import write_text_atomic
 from comoe_peft.experiments.jobs import EXPERT_METHODS, PRESETS, TrainOptions, analyze_run, evaluate_run, train
 from comoe_peft.experiments.runs import ROUTING_HISTORY, RUN_CONFIG, RunError, write_json
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", help="default: benchmarks/results/quality_v2 (quality_quick with --quick)")
@@ -339,7 +340,8 @@ def routing_markdown(routing: dict[str, dict[str, Any]]) -> list[str]:
              "between task pairs.", "", "| method | step | routing entropy | JS between tasks |", "|---|---|---|---|"]
     for method, table in routing.items():
         for i, step in enumerate(table["steps"]):
-            cells = [mean_cell(c, 4) if c else "–" for c in (table["routing_entropy"][i], table["mean_js_between_tasks"][i])]
+            cells = [mean_cell(c, 4) if c else "–"
+                     for c in (table["routing_entropy"][i], table["mean_js_between_tasks"][i])]
             lines.append(f"| {method} | {step} | " + " | ".join(cells) + " |")
     return lines
 
