@@ -141,6 +141,18 @@ def test_quality_interval_is_the_t_interval_and_one_seed_cells_say_so():
     assert quality.mean_cell(one) == "0.782 (1 seed)" and quality.mean_cell(one, 4) == "0.7820 (1 seed)"
 
 
+def test_quality_training_time_leaves_resumed_runs_out_of_the_wall_clock_but_not_out_of_the_cpu_time():
+    quality = load_quality()
+    results = [{"method": "moe", "train_runtime_s": 5000.0, "train_cpu_time_s": 4800.0, "resumed_from_step": None},
+               {"method": "moe", "train_runtime_s": 300.0, "train_cpu_time_s": 3900.0, "resumed_from_step": 550},
+               {"method": "base", "train_runtime_s": 0.0, "train_cpu_time_s": None, "resumed_from_step": None}]
+    times = quality.training_times(results, ["base", "moe"])
+    assert times == {"train_runtime_s": {"moe": 5000.0}, "train_cpu_time_s": {"moe": 4350.0}}
+    line = quality.training_time_line(times)
+    assert "train_runtime; runs trained without a resume) moe 5000;" in line and line.endswith("resumes) moe 4350")
+    assert quality.training_time_line({"train_runtime_s": {}, "train_cpu_time_s": {}}).count("none") == 2
+
+
 def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path):
     model_dir = tiny_model_folder(tmp_path / "tiny-model")
     quality = load_quality()
@@ -194,6 +206,9 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
                                                           "moe-rlr10-s1"]
     assert {r["options"]["router_lr_multiplier"] for r in arm["results"]} == {10.0}
     assert arm["paired_comoe_minus_moe"]["overall"]["n"] == 2 and "routers at 10 x the learning rate" in text
+    assert f"overall: {arm['paired_comoe_minus_moe']['overall']['mean']:+.3f} ± " in text
+    one_seed = {**arm, "paired_comoe_minus_moe": {"overall": quality.mean_and_interval([0.004])}}
+    assert quality.arm_markdown("10", one_seed)[-1] == "Paired CoMoE − MoE-LoRA, overall: +0.004 (1 seed, no interval)."
     saved = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert set(saved) >= {"args", "results", "sweeps", "summary", "train_cpu_time_s"}
     assert saved["train_cpu_time_s"] > 0
