@@ -95,6 +95,20 @@ def tiny_tokenizer(corpus=None, vocab_size: int = 320):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
+def shut_down_process_group() -> None:
+    """End a multi-process test script: free what holds the process group (call after the script's `main` has
+    returned, so its trainer or FSDP model is gone) while every rank is still in it, wait for all ranks, then
+    destroy the group. Destroying the group first and freeing those objects at exit hung one gloo rank now and
+    then (and, before that, aborted one)."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def multitask_rows(n_per_task: int = 16, seed: int = 0):
     """A small prompt-completion dataset mixing four task families."""
     import random

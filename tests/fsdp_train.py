@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(1)
 
-from conftest import tiny_llama, token_batch  # noqa: E402
+from conftest import shut_down_process_group, tiny_llama, token_batch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 from comoe_peft import CoMoEConfig  # noqa: E402
@@ -98,9 +98,8 @@ def main(output_dir: str) -> None:
                   "model_class": type(model).__name__}
         with open(os.path.join(output_dir, "report.json"), "w") as handle:
             json.dump(report, handle)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1])  # the FSDP model is freed when main returns
+    shut_down_process_group()
