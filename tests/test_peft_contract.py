@@ -118,6 +118,22 @@ def test_add_set_and_delete_adapters(batch):
     torch.testing.assert_close(logits(model, batch), first)
 
 
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_mixed_adapter_batches_are_refused_not_ignored(batch, call):
+    # peft drops `adapter_names` for tuners that do not handle it: every row would silently use the active adapter
+    model = comoe(tiny_llama())
+    model.add_adapter("other", CoMoEConfig(r=2, num_experts=3, top_k=2, target_modules=["q_proj"], init_weights=False))
+    model.eval()
+    run = model if call == "forward" else model.generate
+    kwargs = {"max_new_tokens": 2, "do_sample": False} if call == "generate" else {}
+    with pytest.raises(ValueError, match=r"does not support mixed-adapter batches \(`adapter_names`\)"):
+        run(**batch, adapter_names=["default", "other"], **kwargs)
+    with pytest.raises(ValueError, match="activated LoRA offsets"):
+        run(**batch, alora_offsets=[1, 1], **kwargs)
+    with torch.no_grad():  # without them the call runs as before
+        run(**batch, **kwargs)
+
+
 def test_unload_returns_the_untouched_base_model(batch):
     base = tiny_llama()
     reference = logits(copy.deepcopy(base), batch)

@@ -21,6 +21,8 @@ from .layer import CoMoELayer, ExpertSettings, ForwardContext, Linear, RoutingSt
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 AUX_LOSS_NAMES = ("contrastive", "balance", "z")
+# peft's forward / generate arguments that CoMoE does not support, with what they ask for
+UNSUPPORTED_FORWARD_ARGS = {"adapter_names": "mixed-adapter batches", "alora_offsets": "activated LoRA offsets"}
 AUX_LOSS_COEF_FIELDS = {
     "contrastive": "contrastive_loss_coef",
     "balance": "router_aux_loss_coef",
@@ -102,6 +104,22 @@ class CoMoEModel(BaseTuner):
         raise_merge_error()
 
     # ------------------------------------------------------------------ forward bookkeeping
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Refuse the forward / generate arguments of peft that CoMoE cannot honour, instead of ignoring them.
+
+        peft's `PeftModel.forward` and `generate` enter this context with the call's arguments and then drop its
+        own (`adapter_names` for mixed-adapter batches, `alora_offsets` for activated LoRA) before calling the
+        model: without this check a mixed batch would silently run every row with the active adapter.
+        """
+        for name, meaning in UNSUPPORTED_FORWARD_ARGS.items():
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"CoMoE does not support {meaning} (`{name}`); run each adapter's rows in their own call "
+                    "after model.set_adapter(name)."
+                )
+        yield
 
     def _capture_attention_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
