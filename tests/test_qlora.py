@@ -1,8 +1,9 @@
 """CoMoE on bitsandbytes-quantized bases (QLoRA): 4-bit nf4 / fp4 with float32 and bf16 compute, and 8-bit.
 
 The tiny Llama is saved once and reloaded with a `BitsAndBytesConfig` on the CPU (bitsandbytes 0.50
-runs both there). Its width is 64, not conftest's 32: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights
-at the first inference forward and needs in_features to be a multiple of its block size (64), see the last test.
+runs both there). Its width is 64, not conftest's 32: on CPUs with AVX512-BF16 (which some tests simulate on any
+CPU), bitsandbytes repacks 4-bit weights of a plain model at the first inference forward and needs in_features to be
+a multiple of its block size (64), see the tests on bitsandbytes on the CPU.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def load(folder, quant: str | None, dtype: torch.dtype = torch.float32):
-    """The saved model, quantized with QUANT[quant] (None: unquantized) on the CPU."""
-    kwargs = {} if quant is None else dict(quantization_config=BitsAndBytesConfig(**QUANT[quant]), device_map="cpu")
+def load(folder, quant: str | None, dtype: torch.dtype = torch.float32, **quant_overrides):
+    """The saved model, quantized with QUANT[quant] and `quant_overrides` (None: unquantized) on the CPU."""
+    config = None if quant is None else BitsAndBytesConfig(**{**QUANT[quant], **quant_overrides})
+    kwargs = {} if config is None else dict(quantization_config=config, device_map="cpu")
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
 
 
@@ -270,6 +272,87 @@ def test_adapter_trained_on_4bit_loads_on_the_float32_base(model_dir, tmp_path, 
 # ---------------------------------------------------------------------------------------------- bitsandbytes on CPU
 
 
+@pytest.fixture
+def avx512_bf16(monkeypatch):
+    """4-bit layers built while this fixture is active act as on a CPU with AVX512-BF16, on any CPU.
+
+    `Linear4bit.__init__` sets `support_avx512bf16_for_cpu` from `has_avx512bf16()`; with it, the layer's first
+    eval forward without gradients repacks its weight for the AVX512-BF16 kernel (where the CPU lacks it, the
+    repacked layer computes with bitsandbytes' generic kernel instead, whose numbers nobody should use).
+    """
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+
+
+def four_bit_state(layer) -> dict:
+    """A 4-bit layer's weight bytes and quantization state: scales, nested scales, offset, code, shape, dtypes."""
+    state = layer.weight.quant_state
+    return {"weight": layer.weight.data.clone(), "repacked": getattr(state, "packing_format_for_cpu", False),
+            **{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.as_dict().items()}}
+
+
+def assert_identical(actual: dict, expected: dict, where: str) -> None:
+    """Same keys, and every tensor equal in dtype, shape and every element."""
+    assert actual.keys() == expected.keys(), where
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert actual[key].dtype == value.dtype and torch.equal(actual[key], value), f"{where}: {key}"
+        else:
+            assert actual[key] == value, f"{where}: {key}"
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single_quant", "double_quant"])
+def test_4bit_weights_stay_exactly_as_loaded_through_eval_and_train_cycles(model_dir, avx512_bf16, double_quant):
+    """bitsandbytes' CPU inference repacking is not exactly reversible (with double quantisation off, the default,
+    its inverse even put the scales on the wrong blocks), so a CoMoE model never lets it happen: weights, their
+    state-dict entries and eval outputs stay exactly as loaded however often evaluation and training alternate."""
+    base = load(model_dir, "nf4-fp32", bnb_4bit_use_double_quant=double_quant)
+    layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7 and all(m.support_avx512bf16_for_cpu for m in layers)  # the simulation took
+    assert all(m.weight.quant_state.nested == double_quant for m in layers)
+    loaded = [four_bit_state(m) for m in layers]
+    loaded_entries = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]
+    model = get_peft_model(base, comoe_config())
+    inputs = batch(vocab=320)
+    first = logits(model, inputs)
+    for cycle in range(3):
+        torch.testing.assert_close(logits(model, inputs), first, rtol=0, atol=0)  # eval, no grad: would repack
+        for layer, entries in zip(layers, loaded_entries):
+            assert_identical(layer.state_dict(), entries, f"state dict, cycle {cycle}")
+        model.train()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()  # no step: the eval outputs must not move
+        for layer, state in zip(layers, loaded):
+            assert_identical(four_bit_state(layer), state, f"cycle {cycle}")
+    torch.testing.assert_close(logits(model, inputs), first, rtol=0, atol=0)
+    model.unload()
+    assert all(m.support_avx512bf16_for_cpu for m in layers)  # bitsandbytes' choice given back with the model
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single_quant", "double_quant"])
+def test_a_base_repacked_before_the_adapter_is_added_is_unpacked_with_a_warning(model_dir, avx512_bf16,
+                                                                                 double_quant):
+    """Evaluating the plain 4-bit model first lets bitsandbytes repack it; adding the adapter converts it back,
+    exact but for the bf16 rounding the repacking gave the scales, and with them in the right blocks."""
+    base = load(model_dir, "nf4-fp32", bnb_4bit_use_double_quant=double_quant)
+    layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    loaded = [four_bit_state(m) for m in layers]
+    inputs = batch(vocab=320)
+    with torch.no_grad():
+        expected = base.train()(**inputs).logits  # training mode: never repacked
+    logits(base, inputs)  # eval mode: bitsandbytes repacks
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in layers)
+    with pytest.warns(UserWarning, match="already repacked"):
+        model = get_peft_model(base, comoe_config(init_weights=True))
+    for layer, state in zip(layers, loaded):
+        now = four_bit_state(layer)
+        assert torch.equal(now["weight"], state["weight"]) and not now["repacked"]
+        if not double_quant:  # the scales in their blocks, rounded to bf16
+            assert torch.equal(now["absmax"], state["absmax"].to(torch.bfloat16).float())
+    with model.disable_adapter():
+        # 1e-3 from the bf16 scales; bitsandbytes' inverse alone, scales in the wrong blocks, moved them by 0.027
+        torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=5e-3)
+
+
+
 def test_bitsandbytes_cpu_inference_repacking_is_recorded(tmp_path):
     """What bitsandbytes 0.50.2 does on CPUs with AVX512-BF16, recorded so that docs/qlora.md stays true.
 
@@ -292,12 +375,12 @@ def test_bitsandbytes_cpu_inference_repacking_is_recorded(tmp_path):
         model(**inputs)  # training mode: the unpacked kernel, any width
 
 
-def test_training_after_an_eval_forward_still_reaches_every_expert(model_dir):
-    """bitsandbytes repacks 4-bit weights for CPU inference (AVX512-BF16) with a kernel that has no backward; the
-    CoMoE layer converts them back before a differentiable forward, so no expert loses its gradient."""
+def test_training_after_an_eval_forward_still_reaches_every_expert(model_dir, avx512_bf16):
+    """bitsandbytes repacks 4-bit weights for CPU inference (AVX512-BF16) for a kernel that has no backward; a
+    CoMoE model keeps every 4-bit layer from repacking, so no expert loses its gradient after an evaluation."""
     model = get_peft_model(load(model_dir, "nf4-fp32"), comoe_config(init_weights=True))
     inputs = batch(vocab=320)
-    logits(model, inputs)  # eval, no grad: may repack
+    logits(model, inputs)  # eval, no grad: where bitsandbytes would repack
     model.train()
     out = model(**inputs, labels=inputs["input_ids"])
     out.loss.backward()

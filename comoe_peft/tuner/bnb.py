@@ -7,11 +7,15 @@ beside it (float32 by default, the router always computes in float32):
     x -> experts and router                 in the adapter dtype, x cast on the fly (`fused_down.RoutedDownProjection`)
       -> added out of place, cast back      (..., d_out) in the base layer's output dtype
 
+On the CPU, bitsandbytes would repack 4-bit weights for inference (CPUs with AVX512-BF16); a CoMoE model keeps every
+4-bit layer from it, so the weights stay exactly as loaded (`disable_cpu_inference_repacking`).
+
 bitsandbytes is optional: nothing here imports it until a model holds one of its layers (peft imports it first).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -67,23 +71,60 @@ def linear4bit_layers(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
 
 
-def unpack_cpu_inference_weight(base_layer: nn.Module) -> None:
-    """Give a 4-bit weight back its trainable layout if bitsandbytes repacked it for CPU inference.
+def disable_cpu_inference_repacking(model: nn.Module) -> dict[nn.Module, bool]:
+    """Keep bitsandbytes from repacking the 4-bit weights of `model` for CPU inference; returns each layer's flag.
 
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a `Linear4bit` weight at its first eval-mode forward without
-    gradients, and from then on computes that layer with a kernel that has no backward, also in training mode: no
-    gradient would pass through it to the experts below (an evaluation before or during training would silently
-    cut the training of the lower layers). `CoMoEModel` calls this on every 4-bit layer of the model before a
-    forward with gradients enabled; the layout is converted back with bitsandbytes' own inverse (lossy: the
-    repacking rounded the scales to bf16, as bitsandbytes' own state-dict read does).
+    On CPUs with AVX512-BF16, a bitsandbytes 0.50 `Linear4bit` whose `support_avx512bf16_for_cpu` is true (set
+    from the CPU when the layer is built) repacks its weight at its first eval-mode forward without gradients: bf16
+    scales, a kernel without a backward, used from then on in training mode too. Nothing undoes that exactly
+    (bitsandbytes' inverse rounds the scales and, without double quantisation, leaves them in the wrong blocks),
+    and a CoMoE model alternates evaluation and training, so the flag is switched off on every 4-bit layer of the
+    model, adapted or not (gradients pass through all of them). The weights then stay exactly as loaded, through
+    forwards and state-dict reads, and eval forwards compute with the same kernel as training ones. A layer that was
+    repacked before (the model was evaluated before the adapter was added) is converted back first, with a warning.
     """
-    weight = getattr(base_layer, "weight", None)
+    flags: dict[nn.Module, bool] = {}
+    repacked = 0
+    for layer in linear4bit_layers(model):
+        repacked += unpack_repacked_weight(layer)
+        flags[layer] = getattr(layer, "support_avx512bf16_for_cpu", False)
+        layer.support_avx512bf16_for_cpu = False
+    if repacked:
+        warnings.warn(
+            f"bitsandbytes had already repacked {repacked} 4-bit layer(s) for CPU inference (an eval forward without "
+            "gradients before the CoMoE adapter was added); they are converted back, with their scales rounded to "
+            "bf16. Add the adapter before evaluating the model to keep its weights exactly as loaded.",
+            stacklevel=2,
+        )
+    return flags
+
+
+def restore_cpu_inference_repacking(flags: dict[nn.Module, bool]) -> None:
+    """Give the layers back the flags `disable_cpu_inference_repacking` switched off (when the adapters go)."""
+    for layer, flag in flags.items():
+        layer.support_avx512bf16_for_cpu = flag
+
+
+def unpack_repacked_weight(layer: nn.Module) -> bool:
+    """Give a 4-bit weight that bitsandbytes repacked for CPU inference its trainable layout back; True if it did.
+
+    The weight's values come back exactly, the scales with the bf16 rounding of the repacking. bitsandbytes' own
+    inverse (`_convert_weight_packed_for_cpu_inverse`, which its state-dict read uses too) re-quantises
+    double-quantised scales but leaves single-quantised ones in the repacked (d_in / blocksize, d_out) order;
+    they are put back in the quantised (d_out * d_in / blocksize,) order here.
+    """
+    weight = layer.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None or not getattr(quant_state, "packing_format_for_cpu", False):
-        return
+        return False
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
+    nested = quant_state.original_nested
     weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
+    if not nested:
+        scales = weight.quant_state.absmax  # (d_in / blocksize, d_out) bf16, the repacked order
+        weight.quant_state.absmax = scales.t().reshape(-1).float()  # (d_out * d_in / blocksize,) float32
+    return True
 
 
 class Linear4bit(_QuantizedLinear):

@@ -91,7 +91,11 @@ def layer_row_norms(layer: CoMoELayer, adapter_name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def reset_magnitude(layer: CoMoELayer, adapter_name: str) -> None:
-    """m_j = ||W0 + s B_j A_j|| (= ||W0|| when B = 0), so that every c_j starts at exactly 1."""
+    """m_j = ||W0 + s B_j A_j|| (= ||W0|| when B = 0), so that every c_j starts at exactly 1.
+
+    Call it once the adapter has the base layer's dtype (`CoMoELayer.update_layer` does): a magnitude set in float32
+    and moved to a float64 base afterwards would keep its float32 rounding and miss 1 by about 1e-8.
+    """
     magnitude = layer.comoe_magnitude[adapter_name]
     if magnitude.is_meta or layer.comoe_A[adapter_name].is_meta or base_weight(layer.get_base_layer()).is_meta:
         return  # loaded later (low_cpu_mem_usage)

@@ -175,12 +175,16 @@ class CoMoELayer(BaseTunerLayer):
             del self.comoe_magnitude[adapter_name]  # the adapter is re-created without DoRA
         self.reset_parameters(adapter_name, init_weights, router_init_std)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        if use_dora:  # after the move, as peft's DoRA: m_j in the dtype the forward divides it in, so c_j is exactly 1
+            reset_magnitude(self, adapter_name)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, init_weights: bool = True, router_init_std: float = 0.02) -> None:
-        """A like LoRA (Kaiming-uniform per expert), B = 0 (or random if `init_weights` is False), router N(0, std);
-        DoRA magnitudes m_j = ||W0 + s B_j A_j|| (row norms), so that each DoRA expert starts as its LoRA update."""
+        """A like LoRA (Kaiming-uniform per expert), B = 0 (or random if `init_weights` is False), router N(0, std).
+
+        DoRA magnitudes are not set here: `update_layer` sets them (`dora.reset_magnitude`) once the adapter has the
+        base layer's device and dtype."""
         if adapter_name not in self.comoe_A or self.comoe_A[adapter_name].is_meta:
             return
         r = self.r[adapter_name]
@@ -192,8 +196,6 @@ class CoMoELayer(BaseTunerLayer):
         else:
             nn.init.normal_(self.comoe_B[adapter_name], std=1.0 / math.sqrt(r))
         nn.init.normal_(self.comoe_router[adapter_name], std=router_init_std)
-        if adapter_name in self.comoe_magnitude:
-            reset_magnitude(self, adapter_name)
 
     # ------------------------------------------------------------------ merging is impossible
 

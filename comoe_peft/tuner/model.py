@@ -15,7 +15,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .bnb import dispatch_bnb, linear4bit_layers, unpack_cpu_inference_weight
+from .bnb import dispatch_bnb, disable_cpu_inference_repacking, restore_cpu_inference_repacking
 from .config import CoMoEConfig
 from .layer import CoMoELayer, ExpertSettings, ForwardContext, Linear, RoutingStats, raise_merge_error
 
@@ -46,7 +46,7 @@ class CoMoEModel(BaseTuner):
         self.forward_context = ForwardContext()
         super().__init__(model, config, adapter_name, **kwargs)
         self._mask_hook = self.model.register_forward_pre_hook(self._capture_attention_mask, with_kwargs=True)
-        self._linear4bit_layers = linear4bit_layers(self.model)  # bitsandbytes may repack them for CPU inference
+        self._repacking_flags = disable_cpu_inference_repacking(self.model)  # 4-bit weights stay as loaded (bnb.py)
 
     # ------------------------------------------------------------------ injection
 
@@ -126,9 +126,6 @@ class CoMoEModel(BaseTuner):
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]  # called as model(input_ids, attention_mask)
         self.forward_context.new_forward(mask if isinstance(mask, torch.Tensor) else None)
-        if self._linear4bit_layers and torch.is_grad_enabled():
-            for layer in self._linear4bit_layers:  # a differentiable forward needs the trainable 4-bit layout
-                unpack_cpu_inference_weight(layer)
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -149,6 +146,7 @@ class CoMoEModel(BaseTuner):
     def unload(self) -> nn.Module:
         """Remove every CoMoE layer and return the base model unchanged."""
         self._mask_hook.remove()
+        restore_cpu_inference_repacking(self._repacking_flags)
         return super().unload()
 
     # ------------------------------------------------------------------ auxiliary losses and statistics
