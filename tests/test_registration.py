@@ -19,7 +19,6 @@ def test_import_registers_the_peft_type():
     assert PeftType.COMOE.value == "COMOE"
     assert PeftType("COMOE") is PeftType.COMOE and PeftType["COMOE"] is PeftType.COMOE
     assert "COMOE" in list(PeftType)
-    assert PeftType.COMOE is PeftType.COMOE
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.COMOE] is CoMoEConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.COMOE] is CoMoEModel
     assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.COMOE] == "comoe_"
