@@ -10,13 +10,17 @@ installed) out of the command's output. The library itself silences nothing.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 EXIT_USAGE = 2
+TRAIN_HELP_FILE = "train_help.txt"  # comoe_peft.experiments.cli.TRAIN_HELP_FILE (kept equal by a test)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 DESCRIPTION = "`comoe-peft`: train, evaluate and analyse CoMoE against MoE-LoRA and LoRA from the command line."
 TRAIN_HELP = "multi-task fine-tuning of one method into a run folder (comoe-peft train --help: every option)"
 LIBRARIES = r"(transformers|trl|peft|accelerate|datasets|bitsandbytes)(\.|$)"
@@ -103,15 +107,36 @@ def quiet_libraries() -> Iterator[None]:
         bnb_logger.removeFilter(note_filter)
 
 
+def shipped_train_help() -> str | None:
+    """The help of `comoe-peft train` as shipped with the package (`comoe_peft/experiments/train_help.txt`), read
+    without importing the package; None if it is not there (then the command renders it, more slowly)."""
+    spec = importlib.util.find_spec("comoe_peft")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)), "experiments", TRAIN_HELP_FILE)
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The `comoe-peft` console script: answer help and usage errors here, run the command in
     `comoe_peft.experiments.cli`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = split_command(argv)  # --help, an unknown subcommand, a bad eval/analyze flag: answered here
-    with quiet_libraries():
-        from comoe_peft.experiments.cli import run
+    if args.command == "train" and ("-h" in rest or "--help" in rest) and "--help-all" not in rest:
+        help_text = shipped_train_help()
+        if help_text is not None:
+            print(help_text, end="")
+            return 0
+    try:
+        with quiet_libraries():
+            from comoe_peft.experiments.cli import run
 
-        return run(args, rest)
+            return run(args, rest)  # a Ctrl-C while the command runs is answered there, with what was kept
+    except KeyboardInterrupt:  # while the libraries load, before the command started
+        if args.debug:
+            raise
+        print(f"comoe-peft {args.command}: stopped while loading, before the command started (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def parse_command(argv: Sequence[str]) -> object:

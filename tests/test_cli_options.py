@@ -130,7 +130,7 @@ def test_a_shipped_preset_is_a_config_file(name):
 
 def test_presets_ship_with_the_package():
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert '"comoe_peft.experiments" = ["presets/*.yaml"]' in pyproject
+    assert '"comoe_peft.experiments" = ["presets/*.yaml", "train_help.txt"]' in pyproject
     assert sorted(p.name for p in PRESET_DIR.glob("*.yaml")) == ["default.yaml", "quick.yaml"]
 
 
@@ -160,19 +160,23 @@ def test_config_and_flag_overrides_train_a_run(tmp_path, capsys, tiny_model_dir,
     assert adapter["r"] == 2 and adapter["lora_alpha"] == 4
 
 
-@pytest.mark.parametrize("argv", [["--help"], [], ["trian"], ["eval", "--batch-size", "0", "run"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["train", "-h"], [], ["trian"],
+                                  ["eval", "--batch-size", "0", "run"]])
 def test_help_and_usage_errors_import_neither_torch_nor_the_package(argv):
     """`comoe-peft --help` and the top level's one-line usage errors are answered by the launcher before the
     package (peft, torch: seconds of CPU) is imported."""
     code = ("import sys, comoe_peft_launcher\n"
-            f"try:\n    comoe_peft_launcher.main({argv!r})\nexcept SystemExit as stop:\n    code = stop.code\n"
+            f"try:\n    code = comoe_peft_launcher.main({argv!r})\nexcept SystemExit as stop:\n    code = stop.code\n"
             "print(code, sorted(m for m in ('torch', 'peft', 'trl', 'comoe_peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     status, loaded = out.stdout.strip().splitlines()[-1].split(" ", 1)
     assert loaded == "[]", out.stdout + out.stderr[-2000:]
-    assert status == ("0" if argv == ["--help"] else "2"), out.stdout
+    helps = "--help" in argv or "-h" in argv
+    assert status == ("0" if helps else "2"), out.stdout
     if argv == ["--help"]:
         assert "train" in out.stdout and "analyze" in out.stdout
+    elif helps:
+        assert out.stdout.startswith("usage: comoe-peft train --output-dir RUN [options]")
     else:
         assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("comoe-peft: error:"), out.stderr
 
@@ -191,16 +195,76 @@ def test_bitsandbytes_optional_kernel_note_is_quiet_in_commands_only(caplog):
     assert messages == ["another bitsandbytes warning", note]
 
 
-def test_train_help_lists_every_dataclass_field():
-    out = subprocess.run([sys.executable, "-m", "comoe_peft", "train", "--help"], capture_output=True, text=True,
+def test_train_help_all_lists_every_dataclass_field():
+    out = subprocess.run([sys.executable, "-m", "comoe_peft", "train", "--help-all"], capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     for flag in ("--method", "--config", "--per_device_train_batch_size", "--batch-size", "--num_experts",
-                 "--target_modules", "--contrastive_loss_coef", "--report_to", "--comoe_router_aux_loss_coef"):
+                 "--target_modules", "--contrastive_loss_coef", "--report_to", "--comoe_router_aux_loss_coef",
+                 "--push_to_hub"):
         assert flag in out.stdout
     assert "FutureWarning" not in out.stderr and "DeprecationWarning" not in out.stderr
-    max_steps_help = out.stdout.split("--max-steps MAX_STEPS")[1].split("--")[0]
-    assert "(default: 100)" in " ".join(max_steps_help.split())  # the default preset's, not TRL's -1
+    helps = " ".join(out.stdout.split())
+    assert "--max-steps MAX_STEPS Optimizer steps to train. (default: 100)" in helps  # the preset's, not TRL's -1
+    assert "(default: cosine)" in helps and "(default: max_steps / 30, at least 1)" in helps  # the job's, not TRL's
+
+
+def help_defaults(text: str) -> dict[str, str]:
+    """Each option of the grouped help and the default it shows: {'--max-steps': '100', ...}."""
+    import re
+
+    entries = re.split(r"\n  (?=-)", text)
+    defaults = {}
+    for entry in entries[1:]:
+        entry = entry.split("\n\n")[0]  # the last of a group: without what follows the group
+        flag = entry.split()[0].rstrip(",")
+        shown = re.search(r"\(default: (.*?)\)\s*$", " ".join(entry.split()))
+        if shown:
+            defaults[flag] = shown.group(1)
+    return defaults
+
+
+def test_the_shipped_train_help_is_the_parsers_grouped_help():
+    from comoe_peft.experiments import cli
+    import comoe_peft_launcher
+
+    shipped = (Path(cli.__file__).with_name(cli.TRAIN_HELP_FILE)).read_text(encoding="utf-8")
+    assert shipped == cli.render_train_help(), (
+        "comoe_peft/experiments/train_help.txt is stale: regenerate it with "
+        "python -c 'from comoe_peft.experiments.cli import write_train_help; write_train_help()'")
+    assert comoe_peft_launcher.TRAIN_HELP_FILE == cli.TRAIN_HELP_FILE
+    assert comoe_peft_launcher.shipped_train_help() == shipped
+    titles = [line for line in shipped.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert [t.split(" (")[0].split(":")[0] for t in titles] == ["the job", "CoMoE", "CoMoE", "the trainer"]
+    assert "--report-to" not in help_defaults(shipped) and "--push-to-hub" not in help_defaults(shipped)
+    assert len(shipped.splitlines()) < 200
+
+
+def test_train_help_shows_the_defaults_the_job_uses(tiny_model_dir, examples_file, tmp_path):
+    """Every trainer default --help shows is what `build_trainer` gives TRL for a default run (not TRL's own)."""
+    from comoe_peft.experiments import cli
+
+    shown = help_defaults(cli.render_train_help())
+    options = parse_train_args(["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run")]).resolved()
+    _, model, tokenizer = jobs.load_base_model(str(tiny_model_dir))
+    rows = jobs.load_examples(str(examples_file))
+    trainer = jobs.build_trainer(options, model, tokenizer, rows, tmp_path / "trainer")
+    args = trainer.args
+    steps = args.max_steps
+    expected = {"--max-steps": str(steps), "--per-device-train-batch-size": str(args.per_device_train_batch_size),
+                "--learning-rate": str(args.learning_rate), "--max-length": str(args.max_length),
+                "--lr-scheduler-type": args.lr_scheduler_type.value, "--weight-decay": str(args.weight_decay),
+                "--max-grad-norm": str(args.max_grad_norm), "--seed": str(args.seed),
+                "--gradient-accumulation-steps": str(args.gradient_accumulation_steps),
+                "--save-total-limit": str(args.save_total_limit), "--optim": args.optim.value,
+                "--gradient-checkpointing": str(args.gradient_checkpointing).lower(),
+                "--padding-free": str(args.padding_free).lower(),
+                "--comoe-router-lr-multiplier": str(args.comoe_router_lr_multiplier)}
+    assert {flag: shown[flag] for flag in expected} == expected
+    assert shown["--warmup-steps"] == "max_steps / 20, at least 1" and args.warmup_steps == max(1, steps // 20)
+    assert shown["--logging-steps"] == "max_steps / 30, at least 1" and args.logging_steps == max(1, steps // 30)
+    assert shown["--save-steps"].startswith("none") and args.save_strategy == "no"
+    assert args.report_to == [] or args.report_to == "none" or args.report_to == ["none"]
 
 
 def test_library_deprecation_warnings_are_quiet_in_commands_only():

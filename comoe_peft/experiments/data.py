@@ -179,8 +179,31 @@ def _load_files(files: list[Path], source: str) -> Dataset:
         raise ValueError(f"{source}: mixes JSON and Parquet files; keep one format per folder")
     builder = builders.pop()
     # one file at a time: the JSON reader infers `choices` of a file with only generation rows as list<null>
-    parts = [_typed_choices(datasets.load_dataset(builder, data_files=str(p), split="train")) for p in files]
+    parts = [_typed_choices(_load_file(builder, p)) for p in files]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _load_file(builder: str, path: Path) -> Dataset:
+    """One JSON / Parquet file as a dataset; a ValueError that names the file when it is empty or unreadable."""
+    what = "rows with the columns task, prompt, choices and answer"
+    size = path.stat().st_size
+    if size == 0 or (builder == "json" and size < 2**16 and not path.read_bytes().strip()):
+        raise ValueError(f"'{path}' is empty; give a file of {what}")
+    verbosity = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its traceback: the error below says it
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except StopIteration:  # the JSON reader on a file without rows
+        raise ValueError(f"'{path}' holds no rows; give a file of {what}") from None
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as error:  # pyarrow's errors are ValueErrors
+        cause = error.__cause__ or error
+        raise ValueError(f"cannot read '{path}' as {builder.upper()} ({type(cause).__name__}: {cause}); give a "
+                         f"file of {what}") from None
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+    if len(dataset) == 0:
+        raise ValueError(f"'{path}' holds no rows; give a file of {what}")
+    return dataset
 
 
 def _typed_choices(dataset: Dataset) -> Dataset:

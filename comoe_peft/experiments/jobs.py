@@ -28,6 +28,7 @@ from comoe_peft.tuner.config import CoMoEConfig
 from .data import format_prompt, load_examples, to_sft_dataset, train_test_split_per_task
 from .options import (
     EXPERT_METHODS,
+    JOB_TRAINER_SETTINGS,
     METHODS,
     TARGET_MODULES,
     ScriptArguments,
@@ -49,6 +50,8 @@ from .runs import (
     TEST_DATA_DIR,
     TRAINER_DIR,
     RunError,
+    RunInterrupted,
+    damaged_file_error,
     finish_run,
     last_checkpoint,
     missing_parents,
@@ -60,7 +63,6 @@ from .runs import (
 )
 from .validation import TRAINING_ONLY
 
-SAVE_TOTAL_LIMIT = 2  # the newest checkpoint, and the one before in case the newest was cut short
 logger = logging.getLogger(__name__)
 
 
@@ -240,6 +242,29 @@ def adapter_config(options: TrainOptions, model: torch.nn.Module):
                       | {k: v for k, v in extra.items() if k in lora_fields and v is not None})
 
 
+def check_target_modules(model: torch.nn.Module, peft_config) -> None:
+    """A `RunError` naming the model's linear layers when `peft_config.target_modules` matches none of its modules
+    (peft's own matching rules: suffixes, regular expressions, `all-linear`)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if peft_config.target_modules == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    if any(check_target_module_exists(peft_config, name) for name in names):
+        return
+    targets = peft_config.target_modules
+    shown = targets if isinstance(targets, str) else " ".join(sorted(targets))
+    raise RunError(f"--target-modules {shown} matches no module of the model; {linear_layers_hint(model)}")
+
+
+def linear_layers_hint(model: torch.nn.Module) -> str:
+    """'its linear layers are named ...: choose among them', without the output head (no adapter may target it)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear) and module is not head})
+    return f"its linear layers are named {', '.join(names)}: choose among them"
+
+
 def matched_lora_rank(model: torch.nn.Module, num_experts: int, rank: int,
                       target_modules: list[str] | None = None) -> int:
     """LoRA rank whose trainable parameters match CoMoE's N experts of rank r plus the routers on the targets
@@ -251,8 +276,8 @@ def matched_lora_rank(model: torch.nn.Module, num_experts: int, rank: int,
             in_out += module.in_features + module.out_features
             ins += module.in_features
     if in_out == 0:
-        raise RunError(f"the model has none of the target modules {', '.join(targets)}; choose --target-modules "
-                       "among its linear layers")
+        raise RunError(f"--target-modules {' '.join(targets)} matches no linear layer of the model; "
+                       f"{linear_layers_hint(model)}")
     comoe_params = num_experts * rank * in_out + num_experts * ins
     return max(1, round(comoe_params / in_out))
 
@@ -288,13 +313,30 @@ def train(options: TrainOptions) -> Path:
         else:
             train_into(options, staging, splits)
         return finish_run(staging, options.output_dir)
-    except BaseException:
+    except BaseException as error:
         import shutil
 
-        if not (resumable and last_checkpoint(staging)):  # a checkpointed run keeps its partial folder
+        kept = last_checkpoint(staging) if resumable else None
+        if not kept:  # a checkpointed run keeps its partial folder
             shutil.rmtree(staging, ignore_errors=True)
         remove_empty_folders(new_folders)
+        if isinstance(error, KeyboardInterrupt):
+            raise RunInterrupted(interrupted_message(options, str(error), kept, staging)) from None
         raise
+
+
+def interrupted_message(options: TrainOptions, where: str, kept: str | None, staging: Path) -> str:
+    """What a Ctrl-C during `train` left: where it stopped, and whether the same command resumes the run."""
+    where = where or "stopped before training started"
+    if kept:
+        step = kept.rsplit("-", 1)[1]
+        return (f"{where}; the checkpoint of step {step} is kept in '{staging}': the same command resumes the run "
+                "from there")
+    if options.save_steps:
+        return (f"{where}, before the first checkpoint (step {options.save_steps}); nothing was kept: the same "
+                "command starts the run again")
+    return (f"{where}; nothing was kept (a run is written only when it finishes; with --save-steps N it keeps "
+            "checkpoints and the same command resumes it)")
 
 
 def train_into(options: TrainOptions, staging: Path, splits) -> None:
@@ -310,6 +352,7 @@ def train_into(options: TrainOptions, staging: Path, splits) -> None:
         # with one (the config's default, also in training) they would attend to each other. TRL's trainer turns
         # the cache off today as well; this does not depend on it.
         model.config.use_cache = False
+    check_target_modules(model, adapter_config(options, model))  # before the trainer: peft would raise there
     trainer = build_trainer(options, model, tokenizer, splits["train"], staging / TRAINER_DIR)
     cpu_time = CPUTimeCallback()
     trainer.add_callback(cpu_time)
@@ -317,7 +360,10 @@ def train_into(options: TrainOptions, staging: Path, splits) -> None:
     resume_from = last_checkpoint(staging)
     if resume_from:
         logger.warning("resuming %s from %s", options.output_dir, resume_from)
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"stopped at step {trainer.state.global_step} of {options.max_steps}") from None
     trainer.model.save_pretrained(staging / ADAPTER_DIR)
     if options.method != "lora":
         write_loading_note(str(staging / ADAPTER_DIR))
@@ -378,23 +424,18 @@ def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, 
         max_steps=options.max_steps,
         per_device_train_batch_size=options.batch_size,
         learning_rate=options.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, options.max_steps // 20),
+        warmup_steps=max(1, options.max_steps // 20),  # the words of JOB_DERIVED_SETTINGS, which --help shows
         logging_steps=max(1, options.max_steps // 30),
         save_strategy="steps" if options.save_steps else "no",
         save_steps=options.save_steps or 500,
-        save_total_limit=SAVE_TOTAL_LIMIT,
-        report_to="none",
         bf16=bf16,  # on a CPU: bf16 autocast (worth it on CPUs with bf16 units: AVX512-BF16, AMX)
         use_cpu=not on_gpu,
-        gradient_checkpointing=False,
         # padding-free batches are not cut at max_length (TRL enforces it only by packing, which would change how
         # many examples a step sees): the same examples per step as padded batches, none of them truncated
         max_length=None if options.padding_free else options.max_length,
         seed=options.seed,
-        dataloader_num_workers=0,
         padding_free=options.padding_free,  # TRL flattens each batch into one row; no pad tokens are computed
-    ) | options.extra
+    ) | JOB_TRAINER_SETTINGS | options.extra
     dataset = to_sft_dataset(train_rows).remove_columns(["task"]).shuffle(seed=options.seed)
     peft_config = adapter_config(options, model)
     if options.method == "lora":
@@ -446,7 +487,16 @@ def load_run_model(run_dir: Path, config: dict[str, Any]):
     _, model, tokenizer = load_base_model(config["model_path"], quantization=quantization)  # the base it trained on
     if config["method"] == "base":
         return model.eval(), tokenizer
-    model = PeftModel.from_pretrained(model, str(run_dir / ADAPTER_DIR))
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors import SafetensorError
+
+    adapter = run_dir / ADAPTER_DIR
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    except (SafetensorError, EOFError) as error:
+        raise damaged_file_error(adapter / SAFETENSORS_WEIGHTS_NAME, error) from None
+    except json.JSONDecodeError as error:
+        raise damaged_file_error(adapter / "adapter_config.json", error) from None
     return model.eval(), tokenizer
 
 
@@ -500,7 +550,8 @@ def analyze_run(run_dir: str, overwrite: bool = False, max_examples_per_task: in
         raise RunError(f"'{out_dir}' already holds an analysis; pass --overwrite to redo it")
     model, tokenizer = load_run_model(folder, config)
     test = load_from_disk(str(folder / TEST_DATA_DIR))
-    per_task = max_examples_per_task or config["options"].get("analysis_examples_per_task") or 48
+    per_task = (max_examples_per_task or config["options"].get("analysis_examples_per_task")
+                or PRESETS["default"]["analysis_examples_per_task"])
     result = analyze_model(model, tokenizer, test, max_examples_per_task=per_task,
                            max_length=config["options"].get("max_length") or 128, seed=config["options"]["seed"])
     result["run"] = {"method": config["method"], "run_dir": str(folder)}

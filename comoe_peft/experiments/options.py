@@ -61,6 +61,22 @@ ADAPTER_NAMES = {
 TRAINER_ALIASES = {"--batch-size": "per_device_train_batch_size",
                    "--router-lr-multiplier": "comoe_router_lr_multiplier"}
 
+# trainer settings where the job differs from TRL's defaults (`jobs.build_trainer` passes them, `--help` shows them)
+JOB_TRAINER_SETTINGS: dict[str, Any] = {
+    "lr_scheduler_type": "cosine",
+    "save_total_limit": 2,  # the newest checkpoint, and the one before in case the newest was cut short
+    "report_to": "none",
+    "gradient_checkpointing": False,
+    "dataloader_num_workers": 0,
+}
+# trainer settings the job derives from other options (`jobs.build_trainer`), as `--help` words them
+JOB_DERIVED_SETTINGS: dict[str, str] = {
+    "warmup_steps": "max_steps / 20, at least 1",
+    "logging_steps": "max_steps / 30, at least 1",
+    "save_steps": "none: no checkpoints",
+    "bf16": "on for GPUs that support it, else off",
+}
+
 # the CoMoEConfig fields that are options of the job, with the type the parser reads them as
 ADAPTER_FIELD_TYPES: dict[str, Any] = {
     "r": int,

@@ -50,6 +50,11 @@ class RunError(Exception):
     """A problem with the user's input (command-line arguments, files, folders) that the CLI reports in one line."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a command, with one line that says where it stopped and what was kept (the CLI prints it and
+    exits with 130)."""
+
+
 def check_target(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     """The resolved `output_dir`, or a `RunError` if it is a file or an existing run not to be overwritten."""
     target = Path(output_dir).expanduser().resolve()
@@ -163,10 +168,19 @@ def open_run(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         raise RunError(f"run folder '{folder}' does not exist; pass a folder written by `comoe-peft train`")
     if not config_path.is_file():
         raise RunError(f"'{folder}' is not a comoe-peft run folder (no {RUN_CONFIG}); pass the --output-dir of a train")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise damaged_file_error(config_path, error) from None
     if config.get("method") != "base" and not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
         raise RunError(f"run folder '{folder}' has no trained adapter in '{ADAPTER_DIR}/'; the training did not finish")
     return folder, config
+
+
+def damaged_file_error(path: Path, error: Exception) -> RunError:
+    """The one-line error for a run file that exists but cannot be read (truncated, overwritten, half copied)."""
+    return RunError(f"'{path}' cannot be read ({' '.join(str(error).split())}): the file is damaged or incomplete; "
+                    "restore it from a copy of the run, or train the run again with --overwrite")
 
 
 def _show(value: Any) -> str:

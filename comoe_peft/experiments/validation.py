@@ -140,11 +140,17 @@ def check_train_values(values: Mapping[str, Any], given: Collection[str] = ()) -
     if values.get("preset") not in preset_names():
         fail("preset", f"one of {', '.join(preset_names())}", values.get("preset"),
              "pass your own settings with --config FILE.yaml")
+    if not values.get("dataset") and not [name for name in str(values.get("tasks", "")).split(",") if name.strip()]:
+        raise RunError("--tasks names no task; give e.g. --tasks bigbench:navigate,synthetic:arithmetic, leave it "
+                       "out for the default mixture, or pass --dataset FILE")
     for name, value in values.items():
         rule = RULES.get(name)
         if method == "base" and name in TRAINING_ONLY:
             continue  # base trains nothing: refused below if given (0 steps, as benchmarks/quality.py passes, is not)
         if rule is not None and value is not None and not rule.check(value):
+            if isinstance(value, (str, bool, dict)):  # from Python callers: flags and --config are typed earlier
+                raise RunError(f"type error: {flag(name)} must be a number, not {type(value).__name__} "
+                               f"{show(value)!r}; {rule.hint}")
             fail(name, rule.must, value, rule.hint)
     check_method(values, method, given)
     if method in EXPERT_METHODS:
