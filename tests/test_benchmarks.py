@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import decode_speed
 import gpu_check
 import layer_speed
+import mixed_batch_speed
 import prototypes
 import router_diagnosis
 import train_step
@@ -302,6 +303,17 @@ def test_decode_speed_reports_every_arm_eager_and_compiled(tmp_path):
         assert result["compiled_generates_the_eager_tokens"]["comoe_compiled"] is True
         assert set(result["targets"]) == {"decode_le_1.1x_lora_kr", "prefill_le_1.15x_lora_kr"}
     assert "comoe_compiled" in table.read_text()
+
+
+def test_mixed_batch_speed_reports_every_mix_for_comoe_and_lora(tmp_path):
+    out, table = tmp_path / "mixed.json", tmp_path / "mixed.md"
+    report = mixed_batch_speed.main(["--quick", "--out", str(out), "--markdown", str(table)])
+    assert json.loads(out.read_text())["ratio_to_single"] == report["ratio_to_single"]
+    arms = {f"{method}_{mix}" for method in ("comoe", "lora") for mix in mixed_batch_speed.MIXES}
+    assert set(report["median_s"]) == arms and all(finite_positive(v) for v in report["median_s"].values())
+    assert set(report["ratio_to_single"]) == {arm for arm in arms if not arm.endswith("_single")}
+    assert "comoe_mixed3" in table.read_text() and report["meta"]["threads"] == 1
+    assert mixed_batch_speed.row_names(["a", "b", "__base__"], 4) == ["a", "b", "__base__", "a"]
 
 
 def test_decode_speed_refuses_bad_numbers_with_one_line(capsys):

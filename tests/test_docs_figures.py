@@ -526,3 +526,29 @@ def test_the_paired_difference_has_no_direction():
         assert abs(d["mean"]) <= d["ci95"], task
         assert min(d["per_seed"]) < 0 < max(d["per_seed"]), task
     assert max(study(FIRST_PASS).summary["paired_comoe_minus_moe"][ARITHMETIC]["per_seed"]) < 0
+
+
+# ---------------------------------------------------------------------------------------------- the main job's times
+
+
+def test_the_main_jobs_times_are_the_one_measured_run():
+    """README, the presets (their files and `train --help`) and docs/cli.md quote the same measured run of the main
+    job and of the quick preset (`benchmarks/results/default_run/timings.json`), naming the machine."""
+    timings = json.loads((RESULTS / "default_run" / "timings.json").read_text(encoding="utf-8"))
+    default, quick = timings["wall_s"]["default"], timings["wall_s"]["quick"]
+    total_minutes = round(sum(default.values()) / 60)
+    readme = words(README)
+    assert f"({total_minutes} minutes on a 2-core CPU" in readme
+    assert "train {train} s, eval {eval} s, analyze {analyze} s".format(**default) in readme
+    assert "train {train} s, eval {eval} s, analyze {analyze} s)".format(**quick) in readme
+    assert f"(the default's 100 steps: {timings['train_cpu_s']['default']} s in fp32)" in readme
+    assert "AMD EPYC" in timings["machine"] and "a 2-core AMD EPYC" in readme
+    cli_page = words(ROOT / "docs" / "cli.md")
+    row = "| {train} s / {eval} s / {analyze} s"
+    assert (row.format(**quick) + " " + row.format(**default) + f" ({total_minutes} min) |") in cli_page
+    help_text = " ".join((ROOT / "comoe_peft" / "experiments" / "train_help.txt").read_text().split())
+    assert f"quick = a smoke run ({quick['train']} s of training" in help_text
+    assert f"({round(default['train'] / 60)} minutes of training, {total_minutes} with eval and analyze" in help_text
+    for name, measured in (("default", default), ("quick", quick)):
+        preset = " ".join((ROOT / "comoe_peft" / "experiments" / "presets" / f"{name}.yaml").read_text().split())
+        assert "train {train} s, eval {eval} s, analyze {analyze} s".format(**measured) in preset

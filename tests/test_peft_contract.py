@@ -118,20 +118,76 @@ def test_add_set_and_delete_adapters(batch):
     torch.testing.assert_close(logits(model, batch), first)
 
 
-@pytest.mark.parametrize("call", ["forward", "generate"])
-def test_mixed_adapter_batches_are_refused_not_ignored(batch, call):
-    # peft drops `adapter_names` for tuners that do not handle it: every row would silently use the active adapter
+def two_adapters(**other):
+    """A tiny Llama with CoMoE adapters "default" and "other" (other on q_proj and v_proj only), in eval mode."""
     model = comoe(tiny_llama())
-    model.add_adapter("other", CoMoEConfig(r=2, num_experts=3, top_k=2, target_modules=["q_proj"], init_weights=False))
-    model.eval()
-    run = model if call == "forward" else model.generate
-    kwargs = {"max_new_tokens": 2, "do_sample": False} if call == "generate" else {}
-    with pytest.raises(ValueError, match=r"does not support mixed-adapter batches \(`adapter_names`\)"):
-        run(**batch, adapter_names=["default", "other"], **kwargs)
+    model.add_adapter("other", CoMoEConfig(r=2, num_experts=3, top_k=2, target_modules=["q_proj", "v_proj"],
+                                           init_weights=False, **other))
+    return model.eval()
+
+
+def rows_alone(model, batch, names):
+    """Each row's logits with its adapter set (or the adapter disabled for "__base__"), one row at a time."""
+    rows = []
+    for i, name in enumerate(names):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(logits(model, one))
+        else:
+            model.set_adapter(name)
+            rows.append(logits(model, one))
+    model.set_adapter("default")
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora-experts", "dora-experts"])
+def test_mixed_adapter_batch_rows_equal_each_adapter_alone(use_dora):
+    model = two_adapters(use_dora=use_dora)
+    batch = token_batch(batch=5, pad_left=0)
+    names = ["other", "default", "__base__", "other", "default"]
+    with torch.no_grad():
+        mixed = model(**batch, adapter_names=names).logits
+    torch.testing.assert_close(mixed, rows_alone(model, batch, names), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-3)  # the adapters really differ
+    with torch.no_grad():  # the call leaves nothing behind: the next forward is the active adapter's again
+        torch.testing.assert_close(model(**batch).logits, rows_alone(model, batch, ["default"] * 5), rtol=1e-5,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_with_mixed_adapter_batches_equals_each_adapter_alone(num_beams):
+    model = two_adapters()
+    batch = token_batch(batch=3, pad_left=0)
+    names = ["other", "__base__", "default"]
+    settings = dict(max_new_tokens=4, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    with torch.no_grad():
+        mixed = model.generate(**batch, adapter_names=names, **settings)
+        alone = []
+        for i, name in enumerate(names):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone.append(model.generate(**one, **settings))
+            else:
+                model.set_adapter(name)
+                alone.append(model.generate(**one, **settings))
+    assert torch.equal(mixed, torch.cat(alone))
+
+
+def test_mixed_adapter_batches_refuse_what_they_cannot_do(batch):
+    model = two_adapters()
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        model(**batch, adapter_names=["default", "typo"])
+    with pytest.raises(ValueError, match="one name per row"):
+        model(**batch, adapter_names=["default"])
+    with pytest.raises(ValueError, match="record no routing statistics"), model.base_model.recording():
+        model(**batch, adapter_names=["default", "other"])
     with pytest.raises(ValueError, match="activated LoRA offsets"):
-        run(**batch, alora_offsets=[1, 1], **kwargs)
-    with torch.no_grad():  # without them the call runs as before
-        run(**batch, **kwargs)
+        model(**batch, alora_offsets=[1, 1])
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        model(**batch, adapter_names=["default", "other"])
 
 
 def test_unload_returns_the_untouched_base_model(batch):

@@ -231,6 +231,26 @@ def test_two_adapters_on_a_4bit_base(model_dir):
     torch.testing.assert_close(logits(model, inputs), first)
 
 
+@pytest.mark.parametrize("quant", ["nf4-fp32", "int8"])
+def test_mixed_adapter_batch_on_a_quantized_base_equals_each_adapter_alone(model_dir, quant):
+    inputs = {k: v.repeat(2, 1)[:3] for k, v in batch(vocab=320).items()}  # 3 rows
+    model = get_peft_model(load(model_dir, quant), comoe_config())
+    model.add_adapter("other", comoe_config(r=2, num_experts=3, target_modules=["q_proj"]))
+    names = ["other", "__base__", "default"]
+    with torch.no_grad():
+        mixed = model.eval()(**inputs, adapter_names=names).logits
+    for row, name in enumerate(names):
+        one = {k: v[row:row + 1] for k, v in inputs.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = logits(model, one)
+        else:
+            model.set_adapter(name)
+            alone = logits(model, one)
+        torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-4, atol=1e-4)
+    model.set_adapter("default")
+
+
 # How close the adapter on the float32 original must stay to the adapter on its 4-bit base. The bases themselves
 # differ by the quantization error; a token whose top-k flips between the two bases moves by a whole expert, so the
 # bounds are on means, plus a loose bound on the maximum. Measured on this model after 10 steps (nf4 / fp4, float32

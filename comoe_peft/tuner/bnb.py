@@ -50,11 +50,12 @@ class _QuantizedLinear(Linear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The quantized layer's output plus, for each active adapter, the gated sum of its top-k experts."""
-        if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError("CoMoE does not support mixed-adapter batches (`adapter_names`); use set_adapter.")
+        adapter_names = kwargs.pop("adapter_names", None)
         result = self.base_layer(x, *args, **kwargs)  # (..., d_out), dequantised by bitsandbytes
         if self.disable_adapters:
             return result
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, result, adapter_names)
         expected_dtype = result.dtype
         for adapter_name in self.active_adapters:
             if adapter_name in self.comoe_A:

@@ -111,6 +111,9 @@ class ForwardContext:
 _layer_keys = itertools.count()
 
 
+BASE_ROWS = "__base__"  # in a mixed-adapter batch, the rows that get no adapter (peft's name)
+
+
 class CoMoELayer(BaseTunerLayer):
     """peft tuner-layer mixin holding every adapter's experts and router, keyed by adapter name."""
 
@@ -262,14 +265,33 @@ class Linear(nn.Module, CoMoELayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The frozen layer's output plus, for each active adapter, the gated sum of its top-k experts."""
-        if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError("CoMoE does not support mixed-adapter batches (`adapter_names`); use set_adapter.")
+        adapter_names = kwargs.pop("adapter_names", None)
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, result, adapter_names)
         for adapter_name in self.active_adapters:
             if adapter_name in self.comoe_A:
                 result = self._add_experts(x, result, adapter_name)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """A mixed-adapter batch: row i gets the experts of `adapter_names[i]` (`BASE_ROWS` or an adapter this layer
+        does not have: none), each adapter's rows computed together on the lean inference path.
+
+        x: (B, ..., d_in); result: the base layer's (B, ..., d_out), a new tensor whose rows are replaced.
+        """
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]} rows; give "
+                             "one name per row")
+        for adapter_name in dict.fromkeys(adapter_names):  # each adapter once, in order of first appearance
+            if adapter_name not in self.comoe_A:
+                continue
+            rows = torch.tensor([i for i, name in enumerate(adapter_names) if name == adapter_name],
+                                device=x.device)  # (B_a,)
+            self.store_record(adapter_name, {}, None)
+            result[rows] = self._add_experts_lean(x[rows], result[rows], adapter_name).to(result.dtype)
         return result
 
     def _add_experts(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:

@@ -6,23 +6,22 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from peft.utils.other import get_pattern_key
+from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .bnb import dispatch_bnb, disable_cpu_inference_repacking, restore_cpu_inference_repacking
 from .config import CoMoEConfig
-from .layer import CoMoELayer, ExpertSettings, ForwardContext, Linear, RoutingStats, raise_merge_error
+from .layer import BASE_ROWS, CoMoELayer, ExpertSettings, ForwardContext, Linear, RoutingStats, raise_merge_error
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
 AUX_LOSS_NAMES = ("contrastive", "balance", "z")
-# peft's forward / generate arguments that CoMoE does not support, with what they ask for
-UNSUPPORTED_FORWARD_ARGS = {"adapter_names": "mixed-adapter batches", "alora_offsets": "activated LoRA offsets"}
 AUX_LOSS_COEF_FIELDS = {
     "contrastive": "contrastive_loss_coef",
     "balance": "router_aux_loss_coef",
@@ -107,19 +106,44 @@ class CoMoEModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Refuse the forward / generate arguments of peft that CoMoE cannot honour, instead of ignoring them.
+        """Mixed-adapter batches: `adapter_names` (one name per row, "__base__" for none) reaches every CoMoE layer.
 
         peft's `PeftModel.forward` and `generate` enter this context with the call's arguments and then drop its
-        own (`adapter_names` for mixed-adapter batches, `alora_offsets` for activated LoRA) before calling the
-        model: without this check a mixed batch would silently run every row with the active adapter.
+        own before calling the model, so the names travel to the layers by forward pre-hooks, as in peft's LoRA
+        (with beam search each name is repeated for its row's beams). Inference only, without `recording()`.
+        peft's `alora_offsets` (activated LoRA) is refused rather than ignored.
         """
-        for name, meaning in UNSUPPORTED_FORWARD_ARGS.items():
-            if kwargs.get(name) is not None:
-                raise ValueError(
-                    f"CoMoE does not support {meaning} (`{name}`); run each adapter's rows in their own call "
-                    "after model.set_adapter(name)."
-                )
-        yield
+        if kwargs.get("alora_offsets") is not None:
+            raise ValueError("CoMoE does not support activated LoRA offsets (`alora_offsets`).")
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        self._check_mixed_batch(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats each row num_beams times
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = [module.register_forward_pre_hook(partial(_pass_adapter_names, adapter_names=adapter_names),
+                                                    with_kwargs=True)
+                   for module in self.model.modules() if isinstance(module, (CoMoELayer, AuxiliaryTrainingWrapper))]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _check_mixed_batch(self, adapter_names: Any) -> None:
+        """Refuse a mixed-adapter batch that cannot be run as asked: in training, while recording, unknown names."""
+        if not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list with one adapter name per row, got {type(adapter_names)}")
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval().")
+        if self.forward_context.record_in_eval:
+            raise ValueError("Mixed-adapter batches record no routing statistics; call recording() per adapter.")
+        known = {name for _, layer in self._comoe_layers() for name in layer.comoe_A}
+        unknown = sorted({name for name in adapter_names if name != BASE_ROWS} - known)
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
 
     def _capture_attention_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
@@ -320,3 +344,9 @@ def find_comoe_model(model: torch.nn.Module) -> CoMoEModel:
         "This trainer needs a model with a CoMoE adapter: pass `peft_config=CoMoEConfig(...)` or a model wrapped "
         f"with `get_peft_model(model, CoMoEConfig(...))`; got {type(model).__name__}."
     )
+
+
+def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
+    """Forward pre-hook: give a layer the batch's per-row adapter names."""
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
