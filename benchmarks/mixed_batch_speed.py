@@ -32,6 +32,7 @@ import decode_speed
 import layer_speed
 
 from comoe_peft import CoMoEConfig
+from comoe_peft_launcher import positive_int
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MIXES = {"single": ["a"], "mixed": ["a", "b"], "mixed3": ["a", "b", "__base__"]}
@@ -109,13 +110,6 @@ def markdown(report: dict) -> str:
         ratio = report["ratio_to_single"].get(arm)
         lines.append(f"| {arm} | {value:.4f} | {'1 (reference)' if ratio is None else f'{ratio:.2f}'} |")
     return "\n".join(lines) + "\n"
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {text})")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -155,7 +155,7 @@ def render_train_help(parser: argparse.ArgumentParser | None = None) -> str:
         group = display.add_argument_group(title)
         if title == "the job":
             group.add_argument("-h", "--help", action="help", help="this help")
-            group.add_argument("--help-all", action="store_true", help=actions_help(parser, "help_all"))
+            group.add_argument("--help-all", action="store_true", help=_action_help(parser, "help_all"))
         for name in names or list(ADAPTER_FIELD_TYPES):
             add_display_option(group, parser, actions[name])
     return display.format_help()
@@ -168,7 +168,8 @@ class HelpFormatter(argparse.HelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
-def actions_help(parser: argparse.ArgumentParser, dest: str) -> str:
+def _action_help(parser: argparse.ArgumentParser, dest: str) -> str:
+    """The help text of the parser's action for `dest`."""
     return next(action.help for action in parser._actions if action.dest == dest)
 
 
