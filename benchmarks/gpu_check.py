@@ -2,14 +2,20 @@
 
 Run it on a machine with a CUDA GPU, in an environment where the CUDA build of torch and this package with its
 `test` extra are installed. It needs nothing else: no network, no model weights (every model is built from a
-config with random weights; the tests build tiny ones).
+config with random weights; the tests build tiny ones). A box that has only torch, transformers and accelerate
+gets the rest as a wheelhouse of a few wheels (`benchmarks/gpu_wheelhouse.py`, docs/benchmarks.md): the check
+itself imports no datasets, trl, lm-eval, matplotlib or scipy.
 
     python benchmarks/gpu_check.py --out-dir benchmarks/results/gpu
-    python benchmarks/gpu_check.py --dry-run        # on any machine: print the plan and check every command
+    python benchmarks/gpu_check.py --dry-run        # on any machine: the plan, every command checked, nothing run
+
+The dry run imports every step's code without running it: each benchmark parses its arguments with its own parser,
+and pytest collects the CUDA tests (`--collect-only`), so a module missing on the box shows up before the GPU time.
 
 Steps, each a subprocess with its own time limit (a step that runs out is stopped and reported, the others go on):
 
-    cuda_tests     pytest -m cuda (the layer and the lean path against their references on the GPU)
+    cuda_tests     pytest -m cuda on the test files that hold CUDA tests (the layer, the lean path, DoRA experts and
+                   4-bit / 8-bit bases against their references on the GPU)
     layer_speed    one layer's forward + backward at d=576 and d=2048, fp32 and bf16, against peft LoRA and a loop
     train_step     whole training steps of a config-built Llama (hidden 1024, 8 layers) against peft LoRA
     decode_speed   prefill and decoding at batch 1 and 8 in bf16 for SmolLM2-135M's, Llama-3.2-1B's and
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,7 +40,19 @@ from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPOSITORY = BENCHMARKS.parent
+TESTS = REPOSITORY / "tests"
 BUDGET_SECONDS = 8 * 60
+# pytest without the repository's addopts (nbval) and without the plugins a box may have installed: the CUDA tests
+# need neither, and a box's old plugins could break a newer pytest.
+PYTEST = ("-o", "addopts=", "-p", "no:cacheprovider")
+PYTEST_ENV = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+
+
+def cuda_test_files() -> tuple[str, ...]:
+    """The test files holding CUDA tests (relative to the repository): only these are collected, so the check needs
+    none of what the other tests import (trl, datasets, lm-eval, matplotlib)."""
+    return tuple(f"tests/{path.name}" for path in sorted(TESTS.glob("test_*.py"))
+                 if "@pytest.mark.cuda" in path.read_text())
 
 
 @dataclass(frozen=True)
@@ -58,7 +77,7 @@ def plan(out_dir: Path) -> list[Step]:
         return ("--out", str(out_dir / f"{name}.json"), "--markdown", str(out_dir / f"{name}.md"))
 
     return [
-        Step("cuda_tests", "pytest", ("-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"), 60),
+        Step("cuda_tests", "pytest", ("-m", "cuda", "-q", *PYTEST, *cuda_test_files()), 60),
         Step("layer_speed", "layer_speed", (
             "--device", "cuda", "--shapes", "d576", "d2048", "--tokens", "2048", "8192", "--experts", "8",
             "--dtypes", "fp32", "bf16", "--rounds", "7", *outputs("layer_speed_cuda")), 100),
@@ -85,10 +104,22 @@ def check_commands(steps: list[Step]) -> None:
             importlib.import_module(step.module).parse_args(list(step.args))
 
 
+def collect_tests(step: Step) -> int:
+    """Collect a pytest step's tests without running them (its modules are imported); the number selected."""
+    command = [*step.command(), "--collect-only"]
+    completed = subprocess.run(command, cwd=REPOSITORY, env={**os.environ, **PYTEST_ENV}, capture_output=True,
+                               text=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"gpu_check: pytest could not collect the {step.name} step's tests "
+                         f"(exit {completed.returncode}):\n{completed.stdout[-3000:]}{completed.stderr[-2000:]}")
+    return sum(1 for line in completed.stdout.splitlines() if "::" in line)
+
+
 def run_step(step: Step) -> dict:
     began = time.perf_counter()
     try:
-        completed = subprocess.run(step.command(), cwd=REPOSITORY, timeout=step.limit_seconds)
+        completed = subprocess.run(step.command(), cwd=REPOSITORY, env={**os.environ, **PYTEST_ENV},
+                                   timeout=step.limit_seconds)
         code = completed.returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
@@ -114,7 +145,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default="benchmarks/results/gpu", help="where the results files go")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the steps and check their arguments; run nothing (works without a GPU)")
+                        help="print the steps, check their arguments and collect the CUDA tests; run nothing (works "
+                             "without a GPU)")
     parser.add_argument("--only", nargs="+", choices=[step.name for step in plan(Path("."))],
                         help="run only these steps")
     return parser.parse_args(argv)
@@ -130,7 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[gpu_check] {step.name} (limit {step.limit_seconds} s): {' '.join(step.command())}")
     print(f"[gpu_check] {len(steps)} steps, at most {total} s; results in {out_dir}")
     if args.dry_run:
-        return {"dry_run": True, "steps": [step.command() for step in steps], "limit_seconds": total}
+        collected = {step.name: collect_tests(step) for step in steps if step.module == "pytest"}
+        for name, count in collected.items():
+            print(f"[gpu_check] {name}: pytest collects {count} tests (they skip without a GPU)")
+        print("[gpu_check] dry run: every step's modules import and its arguments parse; nothing was run")
+        return {"dry_run": True, "steps": [step.command() for step in steps], "limit_seconds": total,
+                "collected": collected}
     import torch
 
     if not torch.cuda.is_available():

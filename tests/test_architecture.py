@@ -1,5 +1,7 @@
 """The package's three layers: imports run one way (experiments -> training -> tuner), without circles, and the
-library import stays light (no trl, no matplotlib) while the public names still come from the top level."""
+library import stays light (no trl, no matplotlib) while the public names still come from the top level. The
+integrations (the axolotl plugin) sit beside the experiments: they may import training and tuner, and neither
+they nor the experiments import each other."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "comoe_peft"
 LAYERS = ["tuner", "training", "experiments"]  # lowest first
+SIDE_BY_SIDE = {"integrations": "experiments"}  # a package at the level of a layer, which must not import that layer
 
 
 def module_name(path: Path) -> str:
@@ -42,7 +45,14 @@ def imported_modules(path: Path) -> set[str]:
 
 def layer_of(name: str) -> int | None:
     parts = name.split(".")
+    if len(parts) > 1 and parts[1] in SIDE_BY_SIDE:
+        return LAYERS.index(SIDE_BY_SIDE[parts[1]])
     return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def package_of(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and (parts[1] in LAYERS or parts[1] in SIDE_BY_SIDE) else None
 
 
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
@@ -50,7 +60,7 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 def test_every_module_lives_in_a_layer():
     loose = [m for m in MODULES if layer_of(m) is None and m not in ("comoe_peft", "comoe_peft.__main__")]
-    assert loose == [], f"modules outside tuner/training/experiments: {loose}"
+    assert loose == [], f"modules outside tuner/training/experiments/integrations: {loose}"
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if layer_of(m) is not None])
@@ -58,6 +68,9 @@ def test_imports_run_downwards(module):
     own = layer_of(module)
     upward = sorted(n for n in imported_modules(MODULES[module]) if (layer_of(n) or -1) > own)
     assert upward == [], f"{module} imports a layer above it: {upward}"
+    sideways = sorted(n for n in imported_modules(MODULES[module])
+                      if layer_of(n) == own and package_of(n) not in (package_of(module), None))
+    assert sideways == [], f"{module} imports a package beside it: {sideways}"
 
 
 def test_no_import_circle():
@@ -87,7 +100,7 @@ def run_python(code: str) -> str:
 
 
 def test_import_comoe_peft_is_light():
-    heavy = ["trl", "matplotlib", "comoe_peft.training", "comoe_peft.experiments"]
+    heavy = ["trl", "matplotlib", "axolotl", "comoe_peft.training", "comoe_peft.experiments", "comoe_peft.integrations"]
     loaded = run_python(f"import sys, comoe_peft\nprint(','.join(m for m in {heavy!r} if m in sys.modules))")
     assert loaded == "", f"`import comoe_peft` imported: {loaded}"
 

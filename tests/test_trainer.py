@@ -1,10 +1,11 @@
-"""CoMoESFTTrainer and CoMoETrainer: auxiliary losses, accumulation, metrics, checkpoints, refusals."""
+"""CoMoESFTTrainer (TRL, trl >= 1.9): auxiliary losses, accumulation, metrics, checkpoints, refusals.
+
+The plain transformers.Trainer path, which needs no trl: tests/test_transformers_trainer.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from peft import PeftModel, get_peft_model
 
 from comoe_peft import CoMoEConfig
 from comoe_peft.training.callbacks import HISTORY_FILENAME
-from comoe_peft.training.trainer import CoMoESFTConfig, CoMoESFTTrainer, CoMoETrainer, CoMoETrainingArguments
+from comoe_peft.training.sft import CoMoESFTConfig, CoMoESFTTrainer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -237,18 +238,28 @@ def test_eval_mode_metrics(tmp_path, tokenizer, dataset):
     assert trainer.comoe_model.get_aux_losses() == {}
 
 
-def test_plain_transformers_trainer_with_the_mixin(tmp_path, tokenizer):
-    from transformers import DataCollatorForLanguageModeling
-
-    texts = [r["prompt"] + r["completion"] for r in multitask_rows(4)]
-    data = Dataset.from_dict(tokenizer(texts, truncation=True, max_length=48))
-    model = get_peft_model(base_model(tokenizer), comoe_config(init_weights=False))
-    args = CoMoETrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
-                                  logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
-                                  comoe_contrastive_loss_coef=0.3)
-    trainer = CoMoETrainer(model=model, args=args, train_dataset=data,
-                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+def test_mixlora_layout_trains_logs_and_saves_an_adapter_that_reloads(tmp_path, tokenizer, dataset):
+    """Per-linear experts on attention beside FFN-block experts on the MLP (MixLoRA's layout): the trainer adds the
+    block routers to their own parameter group, logs comoe/* from both kinds of layer, and saves a stock peft
+    adapter that reloads to the same outputs."""
+    config = comoe_config(target_modules=["q_proj", "v_proj", "mlp"], init_weights=False, router_aux_loss_coef=0.001)
+    trainer = CoMoESFTTrainer(model=base_model(tokenizer), args=sft_args(tmp_path, max_steps=3,
+                                                                         comoe_router_lr_multiplier=2.0),
+                              train_dataset=dataset, processing_class=tokenizer, peft_config=config)
+    block_routers = {id(m.comoe_router["default"]) for m in trainer.model.modules() if type(m).__name__ == "Block"}
+    assert len(block_routers) == 2
     trainer.train()
-    assert trainer.comoe_loss_coefficients()["contrastive"] == 0.3
-    assert len(history_values(trainer, "comoe/contrastive")) == 3
-    assert os.path.isfile(os.path.join(tmp_path, HISTORY_FILENAME))
+    router_params = {id(p) for g in trainer.optimizer.param_groups if g.get("comoe_router") for p in g["params"]}
+    assert block_routers <= router_params
+    for key in ("contrastive", "balance", "z", "routing_entropy"):
+        values = history_values(trainer, f"comoe/{key}")
+        assert len(values) == 3 and all(math.isfinite(v) for v in values), key
+    history = json.loads((tmp_path / "run" / HISTORY_FILENAME).read_text())
+    assert "model.layers.0.mlp" in history["history"][-1]["expert_load"]
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    batch = tokenizer(["question: what is 2 plus 2? answer: 4"], return_tensors="pt")
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(**batch).logits
+        reloaded = PeftModel.from_pretrained(base_model(tokenizer), tmp_path / "adapter").eval()
+        torch.testing.assert_close(reloaded(**batch).logits, expected)
