@@ -75,7 +75,13 @@ def dora_moe_loop(x, weight, bias, pairs, magnitudes, router, top_k, scaling):
 
 def contrastive_loss_literal(tokens, pairs, indices, temperature, token_mask=None):
     """Algorithm 1 of the CoMoE paper, token by token, with explicit d_out-wide expert outputs."""
-    outputs = torch.stack([(tokens @ a.t()) @ b.t() for a, b in pairs], dim=1).double()  # (T, N, d_out)
+    outputs = torch.stack([(tokens @ a.t()) @ b.t() for a, b in pairs], dim=1)  # (T, N, d_out)
+    return contrastive_loss_of_outputs_literal(outputs, indices, temperature, token_mask)
+
+
+def contrastive_loss_of_outputs_literal(outputs, indices, temperature, token_mask=None):
+    """Algorithm 1, token by token, from every expert's explicit output (T, N, d) (indices name experts)."""
+    outputs = outputs.double()
     per_token = []
     for t in range(outputs.shape[0]):
         total = outputs.new_zeros(())
@@ -96,12 +102,77 @@ def contrastive_loss_literal(tokens, pairs, indices, temperature, token_mask=Non
     return (per_token * w).sum() / w.sum().clamp_min(1.0)
 
 
+def block_expert_matrices(block, adapter_name: str = "default"):
+    """Split a `Block`'s stacked weights into, per expert j, [(A_p, B_p) for each input projection p] and the
+    output projection's (A_out, B_out); plus the router."""
+    r = block.r[adapter_name]
+    n = len(block.layout.inputs)
+    num_experts = block.comoe_router[adapter_name].shape[0]
+    down, up = block.comoe_A[adapter_name], block.comoe_B[adapter_name]
+    down_out, up_out = block.comoe_A_out[adapter_name], block.comoe_B_out[adapter_name]
+    experts = []
+    for j in range(num_experts):
+        inputs = [(down[(p * num_experts + j) * r:(p * num_experts + j + 1) * r], up[p][:, j * r:(j + 1) * r])
+                  for p in range(n)]
+        experts.append((inputs, (down_out[j * r:(j + 1) * r], up_out[:, j * r:(j + 1) * r])))
+    return experts, block.comoe_router[adapter_name]
+
+
+def block_expert_output(block, tokens, expert, scaling):
+    """One expert's whole block, literally: the frozen MLP with LoRA on each projection (T, d)."""
+    mlp = block.get_base_layer()
+    layout = block.layout
+    inputs, (a_out, b_out) = expert
+    pre = [getattr(mlp, name)(tokens) + scaling * (tokens @ a.t()) @ b.t()
+           for name, (a, b) in zip(layout.inputs, inputs)]
+    act = getattr(mlp, layout.activation)
+    hidden = act(pre[0]) * pre[1] if layout.gated else act(pre[0])
+    out = getattr(mlp, layout.output)(hidden) + scaling * (hidden @ a_out.t()) @ b_out.t()
+    return getattr(mlp, layout.dropout)(out) if layout.dropout else out
+
+
+def block_moe_loop(block, x, top_k, adapter_name: str = "default"):
+    """MixLoRA with a loop over experts (the MoE-PEFT way): every active expert runs its whole block.
+    top_k > 1: y = sum_j g_j E_j(x); top_k = 1: y = MLP(x) + g (E_j(x) - MLP(x))."""
+    tokens = x.reshape(-1, x.shape[-1])
+    experts, router = block_expert_matrices(block, adapter_name)
+    scaling = block.scaling[adapter_name]
+    router_dtype = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    probs = F.linear(tokens.to(router_dtype), router.to(router_dtype)).softmax(-1)
+    top_p, top_i = probs.topk(top_k, dim=-1)
+    if top_k > 1:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    frozen = block.get_base_layer()(tokens)
+    out = torch.zeros_like(frozen) if top_k > 1 else frozen.clone()
+    for j, expert in enumerate(experts):
+        token_pos, slot = torch.where(top_i == j)
+        expert_out = block_expert_output(block, tokens[token_pos], expert, scaling)
+        if top_k == 1:
+            expert_out = expert_out - frozen[token_pos]
+        out = out.index_add(0, token_pos, expert_out * top_p[token_pos, slot].unsqueeze(-1).to(out.dtype))
+    return out.view(*x.shape[:-1], -1)
+
+
+def block_expert_representations(block, x, adapter_name: str = "default"):
+    """Every expert's E_j(x) - MLP(x), explicitly: (T, N, d)."""
+    tokens = x.reshape(-1, x.shape[-1])
+    experts, _ = block_expert_matrices(block, adapter_name)
+    frozen = block.get_base_layer()(tokens)
+    scaling = block.scaling[adapter_name]
+    return torch.stack([block_expert_output(block, tokens, e, scaling) - frozen for e in experts], dim=1)
+
+
 def finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
 __all__ = [
+    "block_expert_matrices",
+    "block_expert_output",
+    "block_expert_representations",
+    "block_moe_loop",
     "contrastive_loss_literal",
+    "contrastive_loss_of_outputs_literal",
     "dora_expert_weights",
     "dora_moe_loop",
     "expert_matrices",

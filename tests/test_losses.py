@@ -171,6 +171,33 @@ def test_load_balancing_loss_matches_switch_formula_and_ignores_padding():
     torch.testing.assert_close(masked, load_balancing_loss(logits[5:], 2))
     uniform = torch.zeros(T, N)
     assert load_balancing_loss(uniform, 2).item() == pytest.approx(2.0, rel=0.2)
+    assert load_balancing_loss(logits, 2, torch.zeros(T)).item() == 0.0  # no token counts: no loss, no NaN
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_load_balancing_loss_equals_transformers_mixtral_function(top_k):
+    """The same value as transformers' `load_balancing_loss_func` (Mixtral), with and without a padding mask, on
+    whichever transformers is installed (CI runs this with 5.6, 5.16 and the newest)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    torch.manual_seed(top_k)
+    logits = torch.randn(T, N)
+    mask = (torch.rand(T) > 0.3).float()
+    torch.testing.assert_close(load_balancing_loss(logits, top_k), load_balancing_loss_func((logits,), N, top_k))
+    torch.testing.assert_close(load_balancing_loss(logits, top_k, mask),
+                               load_balancing_loss_func((logits,), N, top_k, attention_mask=mask[None, :]))
+
+
+def test_load_balancing_loss_compiles_without_graph_breaks():
+    """fullgraph=True with a mask and without: the loss is part of a compiled training step on every supported
+    transformers (5.16's Mixtral function counts with bincount, a graph break)."""
+    logits, mask = torch.randn(T, N, requires_grad=True), (torch.arange(T) > 3).float()
+    for token_mask in (None, mask):
+        explanation = torch._dynamo.explain(load_balancing_loss)(logits, 2, token_mask)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(load_balancing_loss, backend="aot_eager", fullgraph=True, dynamic=False)
+    for token_mask in (None, mask):
+        torch.testing.assert_close(compiled(logits, 2, token_mask), load_balancing_loss(logits, 2, token_mask))
 
 
 def test_router_z_loss_formula_and_padding():

@@ -273,6 +273,18 @@ def test_padding_tokens_do_not_change_losses_or_statistics():
     assert results[0][2].item() == batch["attention_mask"].sum().item()
 
 
+def test_the_attention_mask_reaches_the_layers_through_the_tuner_too():
+    """`peft_model.base_model(...)` (the tuner's own forward, which LLaMA-Factory's trainer reaches) captures the
+    mask like `peft_model(...)`: peft <= 0.20's BaseTuner.forward called `self.model.forward`, skipping the hook."""
+    model = comoe(tiny_llama(), contrastive_loss_coef=0.1)
+    model.train()
+    batch = token_batch(pad_left=4)
+    for call in (model, model.base_model):
+        model.base_model.forward_context.new_forward(None)
+        call(**batch)
+        assert torch.equal(model.base_model.forward_context.attention_mask, batch["attention_mask"]), call
+
+
 def test_losses_recorded_only_in_training_and_only_for_the_last_forward(batch):
     model = comoe(tiny_llama(), contrastive_layers=[1], layers_pattern="layers")
     model.train()

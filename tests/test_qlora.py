@@ -15,7 +15,7 @@ import torch
 import bitsandbytes as bnb  # in the `test` extra
 from conftest import multitask_rows, tiny_llama, tiny_tokenizer, token_batch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from reference import expert_matrices, moe_lora_loop
+from reference import block_moe_loop, expert_matrices, moe_lora_loop
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from comoe_peft import CoMoEConfig, CoMoELayer
@@ -459,3 +459,34 @@ def test_cuda_quantized_base_trains_and_round_trips(model_dir, tmp_path, quant):
                                                        device_map="cuda:0")
     loaded = PeftModel.from_pretrained(reload_base, tmp_path)
     torch.testing.assert_close(logits(loaded, inputs), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-bf16", "int8"])
+def test_block_experts_on_a_quantized_mlp_equal_the_loop_and_train(model_dir, quant):
+    """Block experts (`target_modules=["mlp"]`) on 4-bit and 8-bit projections: the adapter starts as the
+    quantized model, the block equals the loop reference with the same quantized projections, and a training step
+    gives every adapter parameter a finite gradient."""
+    from comoe_peft.tuner.block import Block
+
+    base = load(model_dir, quant)
+    batch = token_batch(vocab=base.config.vocab_size)
+    with torch.no_grad():
+        expected = base(**batch).logits
+    model = get_peft_model(base, CoMoEConfig(target_modules=["mlp"], r=4, num_experts=4, top_k=2)).eval()
+    with torch.no_grad():  # the gated mix of k equal activations: the quantized block up to rounding
+        torch.testing.assert_close(model(**batch).logits, expected, atol=2e-2, rtol=2e-2)
+    block = model.base_model.model.model.layers[0].mlp
+    assert isinstance(block, Block) and isinstance(block.get_base_layer().down_proj, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    with torch.no_grad():
+        for up in (block.comoe_B["default"], block.comoe_B_out["default"]):
+            up.normal_(std=0.1)
+        x = torch.randn(2, 5, block.in_features)
+        # one frozen down-projection on the gated mix against k of them: equal up to the compute dtype's rounding
+        # (bf16), and to LLM.int8()'s rounding of its input rows (it quantizes activations too)
+        tolerance = {"nf4-fp32": 1e-4, "nf4-bf16": 2e-3, "int8": 1e-2}[quant]
+        torch.testing.assert_close(block(x), block_moe_loop(block, x, 2), atol=tolerance, rtol=tolerance)
+    model.train()
+    out = model(**batch, labels=batch["input_ids"])
+    (out.loss + model.base_model.get_aux_loss()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

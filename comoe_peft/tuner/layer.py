@@ -164,11 +164,7 @@ class CoMoELayer(BaseTunerLayer):
         lora_alpha / sqrt(r) instead of lora_alpha / r.
         """
         num_experts = settings.num_experts
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.comoe_settings[adapter_name] = settings
-        self.comoe_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._store_adapter_settings(adapter_name, r, lora_alpha, lora_dropout, settings, use_rslora)
         self.comoe_A[adapter_name] = nn.Parameter(torch.empty(num_experts * r, self.in_features))
         self.comoe_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, num_experts * r))
         self.comoe_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
@@ -181,6 +177,16 @@ class CoMoELayer(BaseTunerLayer):
         if use_dora:  # after the move, as peft's DoRA: m_j in the dtype the forward divides it in, so c_j is exactly 1
             reset_magnitude(self, adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _store_adapter_settings(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                                settings: ExpertSettings, use_rslora: bool) -> None:
+        """Rank, alpha, scaling (lora_alpha / r, or / sqrt(r) with rsLoRA), expert settings and dropout of an adapter:
+        what every CoMoE layer (per-linear or block) keeps per adapter besides its weights."""
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.comoe_settings[adapter_name] = settings
+        self.comoe_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
 
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, init_weights: bool = True, router_init_std: float = 0.02) -> None:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from .fused_down import router_dtype
 
@@ -42,6 +41,8 @@ class ContrastiveIndices:
         negative_log_weight: log of the weight of each negative in the denominator: log((N - k) / M) when M of
             the N - k inactive experts were sampled (keeps the denominator unbiased), else 0.
         all_negatives: True when `negative_idx` holds every inactive expert.
+        anchor_slots: (T, A) position of each anchor in the token's top-k list (`topk_idx`).
+        positive_slots: (T, A, P) positions of the positives in the token's top-k list.
     """
 
     anchor_idx: torch.Tensor
@@ -49,6 +50,8 @@ class ContrastiveIndices:
     negative_idx: torch.Tensor
     negative_log_weight: float
     all_negatives: bool
+    anchor_slots: torch.Tensor | None = None
+    positive_slots: torch.Tensor | None = None
 
 
 def sample_contrastive_indices(
@@ -80,11 +83,11 @@ def sample_contrastive_indices(
     if num_negatives is None or num_negatives >= num_inactive:
         # stable sort puts the inactive experts (False) first, in index order
         negative_idx = torch.argsort(activated.to(torch.int8), dim=1, stable=True)[:, :num_inactive]  # (T, N-k)
-        return ContrastiveIndices(anchor_idx, positive_idx, negative_idx, 0.0, all_negatives=True)
+        return ContrastiveIndices(anchor_idx, positive_idx, negative_idx, 0.0, True, anchor_slots, positive_slots)
     scores = torch.rand(num_tokens, num_experts, device=device).masked_fill(activated, 2.0)  # (T, N)
     negative_idx = scores.topk(num_negatives, dim=1, largest=False).indices  # (T, m): m random inactive experts
     log_weight = math.log(num_inactive / num_negatives)
-    return ContrastiveIndices(anchor_idx, positive_idx, negative_idx, log_weight, all_negatives=False)
+    return ContrastiveIndices(anchor_idx, positive_idx, negative_idx, log_weight, False, anchor_slots, positive_slots)
 
 
 def _expert_gram_blocks(expert_gram: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -201,23 +204,90 @@ def contrastive_loss(
         A float32 scalar (float64 for float64 input). Finite when every expert output is zero (B = 0 at initialisation).
     """
     positive_logits, negative_logits = contrastive_logits(h, expert_up, indices, temperature)
-    all_logits = torch.cat([positive_logits, negative_logits], dim=-1)  # (T, A, S)
+    return info_nce(positive_logits, negative_logits, token_mask)
+
+
+def info_nce(
+    positive_logits: torch.Tensor, negative_logits: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """-log( sum_pos exp(s) / (sum_{pos and neg} exp(s) + eps) ) per anchor, summed over a token's anchors and
+    averaged over the valid tokens. positive_logits: (T, A, P); negative_logits: (T, A, M)."""
+    all_logits = torch.cat([positive_logits, negative_logits], dim=-1)  # (T, A, P + M)
     log_denominator = torch.logaddexp(
-        torch.logsumexp(all_logits, dim=-1), torch.tensor(math.log(CONTRASTIVE_EPS), device=h.device)
+        torch.logsumexp(all_logits, dim=-1), torch.tensor(math.log(CONTRASTIVE_EPS), device=all_logits.device)
     )  # (T, A)
     per_token = (log_denominator - torch.logsumexp(positive_logits, dim=-1)).sum(dim=-1)  # (T,)
     return masked_mean(per_token, token_mask)
 
 
+def contrastive_loss_from_outputs(
+    outputs: torch.Tensor,
+    indices: ContrastiveIndices,
+    temperature: float,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CoMoE's contrastive loss from materialised expert representations (the block layout, where no Gram trick
+    passes the nonlinearity).
+
+    Args:
+        outputs: (T, k + M, d) each token's representations of its k activated experts (in top-k order) followed
+            by its M negatives (in `indices.negative_idx` order).
+        indices: from `sample_contrastive_indices` (its slots say which activated experts are anchors and positives).
+        temperature: tau > 0.
+        token_mask: (T,) 1 for tokens that count, 0 for padding; None = all count.
+
+    Returns:
+        A float32 scalar (float64 for float64 input), finite when every representation is zero.
+    """
+    with torch.autocast(device_type=outputs.device.type, enabled=False):  # float32 even under bf16 autocast
+        return _contrastive_loss_from_outputs(outputs.to(router_dtype(outputs.dtype)), indices, temperature,
+                                              token_mask)
+
+
+def _contrastive_loss_from_outputs(
+    outputs: torch.Tensor, indices: ContrastiveIndices, temperature: float, token_mask: torch.Tensor | None
+) -> torch.Tensor:
+    num_tokens, top_k = indices.anchor_slots.shape[0], indices.positive_slots.shape[-1] + 1
+    token = torch.arange(num_tokens, device=outputs.device)
+    num_anchors = indices.anchor_slots.shape[1]
+    negative_slots = torch.arange(top_k, outputs.shape[1], device=outputs.device)  # (M,)
+    candidates = torch.cat([indices.positive_slots,
+                            negative_slots.expand(num_tokens, num_anchors, -1)], dim=-1)  # (T, A, S)
+    anchors = outputs[token.unsqueeze(1), indices.anchor_slots]  # (T, A, d)
+    others = outputs[token.view(-1, 1, 1), candidates]  # (T, A, S, d)
+    dots = torch.einsum("tad,tasd->tas", anchors, others)  # (T, A, S)
+    squared = outputs.square().sum(-1)  # (T, k + M)
+    anchor_squared = squared.gather(1, indices.anchor_slots)  # (T, A)
+    candidate_squared = squared[token.view(-1, 1, 1), candidates]  # (T, A, S)
+    logits = _cosines(dots, anchor_squared.unsqueeze(-1), candidate_squared) / temperature  # (T, A, S)
+    num_positives = indices.positive_slots.shape[-1]
+    return info_nce(logits[..., :num_positives], logits[..., num_positives:] + indices.negative_log_weight,
+                    token_mask)
+
+
 def load_balancing_loss(
     router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss of one adapted layer, via transformers' Mixtral implementation.
+    """Switch-Transformer load-balancing loss of one adapted layer: N * sum_e f_e * P_e.
 
-    `router_logits` is (T, N); padding tokens (token_mask == 0) are left out. Equals top_k under uniform routing.
+    f_e is the share of the tokens' top-k choices that go to expert e (the f_e sum to top_k) and P_e the mean router
+    probability of expert e, both over the tokens whose mask is 1. `router_logits` is (T, N); padding tokens
+    (token_mask == 0) are left out; 0 when no token counts. Equals top_k under uniform routing. The formula of
+    transformers' Mixtral `load_balancing_loss_func`, written with dense one-hot sums so that
+    `torch.compile(fullgraph=True)` has no graph break on any supported transformers (5.16's counts with bincount).
     """
     num_experts = router_logits.shape[-1]
-    return load_balancing_loss_func((router_logits.float(),), num_experts, top_k, attention_mask=token_mask)
+    probs = torch.softmax(router_logits.float(), dim=-1)  # (T, N)
+    chosen = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, num_experts)  # (T, k, N)
+    choices = chosen.sum(dim=1).to(probs.dtype)  # (T, N): 1 where the expert is among the token's top-k
+    if token_mask is None:
+        weights = torch.ones_like(probs[:, 0])
+    else:
+        weights = token_mask.reshape(-1).to(probs.dtype)  # (T,)
+    total = weights.sum().clamp_min(1.0)
+    tokens_per_expert = (choices * weights[:, None]).sum(dim=0) / total  # (N,) f_e
+    prob_per_expert = (probs * weights[:, None]).sum(dim=0) / total  # (N,) P_e
+    return num_experts * (tokens_per_expert * prob_per_expert).sum()
 
 
 def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .block import Block, block_layout, describe_supported_blocks
 from .bnb import dispatch_bnb, disable_cpu_inference_repacking, restore_cpu_inference_repacking
 from .config import CoMoEConfig
 from .layer import BASE_ROWS, CoMoELayer, ExpertSettings, ForwardContext, Linear, RoutingStats, raise_merge_error
@@ -71,8 +72,10 @@ class CoMoEModel(BaseTuner):
             use_dora=peft_config.use_dora,
             use_rslora=peft_config.use_rslora,
         )
+        self._refuse_overlapping_targets(peft_config, target, current_key)
         if isinstance(target, CoMoELayer):
-            _warn_on_fan_in_fan_out(peft_config, target.get_base_layer())
+            if not isinstance(target, Block):
+                _warn_on_fan_in_fan_out(peft_config, target.get_base_layer())
             target.update_layer(adapter_name, **layer_args)
             target.forward_context = self.forward_context
             return
@@ -92,6 +95,46 @@ class CoMoEModel(BaseTuner):
                 "experts. Remove it from target_modules ('all-linear' already leaves it out); to train the head, "
                 "list it in modules_to_save instead."
             )
+
+    def _check_new_adapter_config(self, config: CoMoEConfig) -> None:
+        """peft's checks, then: a new adapter may not target projections inside FFN blocks that already have block
+        experts (peft skips modules inside adapted ones and would only say that the targets were not found)."""
+        super()._check_new_adapter_config(config)
+        for name, block in self.model.named_modules():
+            if not isinstance(block, Block):
+                continue
+            for inner, _ in block.get_base_layer().named_modules():
+                key = f"{name}.{inner}".removesuffix(".")
+                if inner and self._check_target_module_exists(config, key):
+                    raise ValueError(f"target_modules selects '{key}', which lies inside the FFN block '{name}' that "
+                                     "already has block experts; adapt the block or the projections inside it, not "
+                                     "both")
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """peft's replacement, except when `unload()` puts an MLP block back: it has no weight of its own to carry."""
+        if isinstance(child, Block) and new_module is child.get_base_layer():
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    def _refuse_overlapping_targets(self, peft_config: CoMoEConfig, target: nn.Module, current_key: str) -> None:
+        """One line when a block target and a projection inside it would both be adapted (by this config, or by this
+        one and an adapter already in the model): a projection is either in a routed block or routed itself."""
+        inside_block = next((name for name, module in self.model.named_modules()
+                             if isinstance(module, Block) and current_key.startswith(f"{name}.")), None)
+        if inside_block is not None:
+            raise ValueError(f"target_modules selects '{current_key}', which lies inside the FFN block "
+                             f"'{inside_block}' that already has block experts; adapt the block or the projections "
+                             "inside it, not both")
+        if isinstance(target, CoMoELayer) or block_layout(target, unwrap=True) is None:
+            return
+        overlapping = [f"{current_key}.{name}" for name, module in target.named_modules() if name
+                       and (isinstance(module, CoMoELayer)
+                            or self._check_target_module_exists(peft_config, f"{current_key}.{name}"))]
+        if overlapping:
+            raise ValueError(f"target_modules selects both the FFN block '{current_key}' and '{overlapping[0]}' "
+                             "inside it; adapt the block (block experts) or its projections (per-linear experts), "
+                             "not both")
 
     # ------------------------------------------------------------------ merging is impossible
 
@@ -144,6 +187,11 @@ class CoMoEModel(BaseTuner):
         unknown = sorted({name for name in adapter_names if name != BASE_ROWS} - known)
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped model through `__call__`, as peft >= 0.21 does, so its forward pre-hooks (the attention
+        mask's capture) run also where peft <= 0.20 would call `self.model.forward` directly."""
+        return self.model(*args, **kwargs)
 
     def _capture_attention_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
@@ -248,17 +296,20 @@ class CoMoEModel(BaseTuner):
 
 def _create_new_module(
     peft_config: CoMoEConfig, target: nn.Module, current_key: str, adapter_name: str, **layer_args: Any
-) -> Linear:
+) -> Linear | Block:
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
     quantized = dispatch_bnb(target, adapter_name, **layer_args)  # bitsandbytes 4-bit / 8-bit (nn.Linear subclasses)
     if quantized is not None:
         return quantized
+    if block_layout(base) is not None:
+        return Block(target, adapter_name, **layer_args)
     if not isinstance(base, SUPPORTED_LAYER_TYPES):
         supported = ", ".join(f"{t.__module__}.{t.__name__}" for t in SUPPORTED_LAYER_TYPES)
         raise ValueError(
             f"Target module '{current_key}' is a {type(base).__module__}.{type(base).__name__}, which CoMoE does "
-            f"not support. Supported layer types: {supported} (and bitsandbytes' Linear4bit and Linear8bitLt). "
-            "Change target_modules to select only such layers."
+            f"not support. Supported: the layer types {supported} (and bitsandbytes' Linear4bit and Linear8bitLt), "
+            f"and MLP blocks made of such layers ({describe_supported_blocks()}). Change target_modules to select "
+            "only such modules."
         )
     _warn_on_fan_in_fan_out(peft_config, base)
     return Linear(target, adapter_name, **layer_args)

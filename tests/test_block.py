@@ -1,0 +1,229 @@
+"""Routed FFN-block experts (`target_modules=["mlp"]`, the MixLoRA layout): the fast block against the literal
+MoE-PEFT-style loop (every active expert runs its whole block), its contrastive loss against explicit expert
+outputs, and the peft contract for blocks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama, token_batch
+from peft import PeftModel, get_peft_model
+from reference import block_expert_representations, block_moe_loop, contrastive_loss_of_outputs_literal
+from torch import nn
+
+from comoe_peft import CoMoEConfig
+from comoe_peft.tuner.block import Block
+from comoe_peft.tuner.layer import ExpertSettings, Linear
+from comoe_peft.tuner.losses import sample_contrastive_indices
+
+
+def make_block(kind: str, top_k: int = 2, num_experts: int = 4, num_negatives=None, anchor: str = "random",
+               contrastive: bool = True, dtype=torch.float64) -> Block:
+    """A Block on the first MLP of a tiny Llama (gated) or GPT-2 (Conv1D, its dropout off), random B, float64."""
+    model = tiny_llama() if kind == "llama" else tiny_gpt2()
+    mlp = model.model.layers[0].mlp if kind == "llama" else model.transformer.h[0].mlp
+    if kind == "gpt2":
+        mlp.dropout.p = 0.0
+    mlp = mlp.to(dtype).requires_grad_(False)
+    settings = ExpertSettings(num_experts, top_k, 0.0, contrastive and top_k > 1, 0.1, num_negatives, anchor)
+    torch.manual_seed(3)
+    return Block(mlp, "default", r=4, lora_alpha=8, lora_dropout=0.0, settings=settings, init_weights=False).to(dtype)
+
+
+def adapter_parameters(block: Block) -> dict[str, torch.Tensor]:
+    return {name: getattr(block, name)["default"] for name in Block.adapter_layer_names}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_block_equals_the_loop_reference_outputs_and_gradients(kind, top_k, mode):
+    block = make_block(kind, top_k=top_k)
+    getattr(block, mode)()
+    x = torch.randn(3, 5, block.in_features, dtype=torch.float64)
+    weights = torch.randn(3, 5, block.out_features, dtype=torch.float64)
+    results = []
+    for compute in (block, lambda inp: block_moe_loop(block, inp, top_k)):
+        x_in = x.clone().requires_grad_(True)
+        out = compute(x_in)
+        params = [x_in, *adapter_parameters(block).values()]
+        results.append((out, torch.autograd.grad((out * weights).sum(), params)))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, fast, slow in zip(["x", *Block.adapter_layer_names], results[0][1], results[1][1]):
+        torch.testing.assert_close(fast, slow, msg=lambda m, n=name: f"gradient of {n}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("num_negatives, anchor", [(None, "random"), (1, "random"), (None, "all")])
+def test_block_contrastive_loss_equals_explicit_expert_outputs(kind, num_negatives, anchor):
+    """The loss between E_j(x) - MLP(x) of activated and inactivated experts, built explicitly for every expert,
+    with the same anchors and negatives: value and gradients; the router gets no gradient from it."""
+    block = make_block(kind, num_experts=5, num_negatives=num_negatives, anchor=anchor).train()
+    x = torch.randn(2, 6, block.in_features, dtype=torch.float64)
+    torch.manual_seed(11)
+    block(x)
+    fast = block.recorded_aux_losses("default")["contrastive"]
+
+    router = block.comoe_router["default"]
+    topk_idx = (x.reshape(-1, x.shape[-1]) @ router.t()).softmax(-1).topk(2, dim=-1).indices
+    torch.manual_seed(11)  # the block draws its anchors and negatives first thing after routing
+    indices = sample_contrastive_indices(topk_idx, 5, anchor, num_negatives)
+    slow = contrastive_loss_of_outputs_literal(block_expert_representations(block, x), indices, 0.1)
+    torch.testing.assert_close(fast, slow)
+
+    params = adapter_parameters(block)
+    fast_grads = torch.autograd.grad(fast, list(params.values()), allow_unused=True)
+    slow_grads = torch.autograd.grad(slow, list(params.values()), allow_unused=True)
+    for name, a, b in zip(params, fast_grads, slow_grads):
+        if name == "comoe_router":
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, msg=lambda m, n=name: f"gradient of {n}: {m}")
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_experts_start_as_the_base_model_with_finite_losses(builder, dtype):
+    base = builder().to(dtype)
+    batch = token_batch()
+    with torch.no_grad():
+        expected = base(**batch).logits
+    model = get_peft_model(copy.deepcopy(base), CoMoEConfig(target_modules=["mlp"], r=4, num_experts=4, top_k=2))
+    assert sum(isinstance(m, Block) for m in model.modules()) == 2
+    with torch.no_grad():  # the gated mix of k equal activations: the frozen block up to rounding
+        torch.testing.assert_close(model(**batch).logits, expected, **({} if dtype == torch.float32 else
+                                                                        {"atol": 2e-2, "rtol": 2e-2}))
+    model.train()
+    out = model(**batch, labels=batch["input_ids"])
+    aux = model.base_model.get_aux_losses()
+    assert set(aux) == {"balance", "z", "contrastive"} and all(torch.isfinite(v) for v in aux.values())
+    (out.loss + model.base_model.get_aux_loss()).backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def mixlora_config(**overrides) -> CoMoEConfig:
+    """MixLoRA's layout: per-linear experts on attention projections, block experts on the MLP."""
+    kwargs = dict(target_modules=["q_proj", "v_proj", "mlp"], r=4, lora_alpha=8, num_experts=4, top_k=2,
+                  init_weights=False)
+    return CoMoEConfig(**(kwargs | overrides))
+
+
+def test_mixlora_layout_saves_and_reloads_exactly(tmp_path):
+    batch = token_batch()
+    model = get_peft_model(tiny_llama(), mixlora_config()).eval()
+    kinds = {type(m) for m in model.modules() if hasattr(m, "comoe_A")}
+    assert kinds == {Block, Linear}
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    saved = set(__import__("safetensors.torch").torch.load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.mlp.comoe_A_out" in saved
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=0, rtol=0)
+
+
+def test_a_block_and_a_projection_inside_it_are_refused():
+    with pytest.raises(ValueError, match=r"both the FFN block 'model.layers.0.mlp' and 'model.layers.0.mlp.gate_proj'"):
+        get_peft_model(tiny_llama(), CoMoEConfig(target_modules=["mlp", "gate_proj"]))
+    model = get_peft_model(tiny_llama(), CoMoEConfig(target_modules=["mlp"]))
+    with pytest.raises(ValueError, match="inside the FFN block 'model.layers.0.mlp'"):
+        model.add_adapter("other", CoMoEConfig(target_modules=["gate_proj"]))
+    model = get_peft_model(tiny_llama(), CoMoEConfig(target_modules=["gate_proj"]))
+    with pytest.raises(ValueError, match="both the FFN block"):
+        model.add_adapter("other", CoMoEConfig(target_modules=["mlp"]))
+
+
+def test_an_unsupported_block_names_its_type_and_what_is_supported():
+    with pytest.raises(ValueError, match=r"LlamaAttention, which CoMoE does not support.*gate_proj / up_proj / "
+                                         r"down_proj \+ act_fn.*c_fc / c_proj \+ act"):
+        get_peft_model(tiny_llama(), CoMoEConfig(target_modules=["self_attn"]))
+
+
+def test_block_experts_keep_the_peft_contract():
+    batch = token_batch()
+    base = tiny_llama()
+    with torch.no_grad():
+        expected = base(**batch).logits
+    model = get_peft_model(copy.deepcopy(base), CoMoEConfig(target_modules=["mlp"], r=4, init_weights=False))
+    model.add_adapter("second", CoMoEConfig(target_modules=["mlp"], r=2, num_experts=3, init_weights=False))
+    model.eval()
+    with torch.no_grad():
+        first = model(**batch).logits
+        assert not torch.allclose(first, expected)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(**batch).logits, expected, atol=0, rtol=0)
+        model.set_adapter("second")
+        second = model(**batch).logits
+        assert not torch.allclose(second, first)
+        mixed = model(**batch, adapter_names=["default", "__base__"]).logits
+        model.set_adapter("default")
+        torch.testing.assert_close(mixed[0], first[0])
+        torch.testing.assert_close(mixed[1], expected[1])
+    with pytest.raises(NotImplementedError, match="cannot be merged"):
+        model.merge_and_unload()
+    unloaded = model.unload()
+    assert type(unloaded.model.layers[0].mlp).__name__ == "LlamaMLP"
+    with torch.no_grad():
+        torch.testing.assert_close(unloaded(**batch).logits, expected, atol=0, rtol=0)
+
+
+def test_rank_alpha_and_expert_patterns_apply_to_blocks():
+    config = CoMoEConfig(target_modules=["mlp"], r=4, num_experts=4, rank_pattern={"layers.0.mlp": 2},
+                         alpha_pattern={"layers.1.mlp": 2.0}, num_experts_pattern={"layers.1.mlp": 3})
+    model = get_peft_model(tiny_llama(), config)
+    first, second = (model.base_model.model.model.layers[i].mlp for i in (0, 1))
+    assert first.comoe_A["default"].shape == (2 * 4 * 2, 32) and first.comoe_A_out["default"].shape == (4 * 2, 64)
+    assert second.comoe_router["default"].shape == (3, 32) and second.comoe_B["default"].shape == (2, 64, 3 * 4)
+    assert second.scaling["default"] == 2.0 / 4
+
+
+def test_block_dora_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="use_dora is not supported for FFN-block experts"):
+        get_peft_model(tiny_llama(), CoMoEConfig(target_modules=["mlp"], use_dora=True))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_block_compiles_without_graph_breaks_and_matches_eager(mode):
+    block = make_block("llama", dtype=torch.float32)
+    getattr(block, mode)()
+    x = torch.randn(2, 5, block.in_features)
+    explanation = torch._dynamo.explain(block)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    results = []
+    for module in (block, compiled):
+        torch.manual_seed(0)
+        x_in = x.clone().requires_grad_(True)
+        out = module(x_in)
+        loss = out.square().sum()
+        if mode == "train":
+            loss = loss + block.recorded_aux_losses("default")["contrastive"]
+        results.append((out.detach(), torch.autograd.grad(loss, [x_in, *adapter_parameters(block).values()])))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradient_checkpointing_gives_the_same_block_gradients():
+    batch = token_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = get_peft_model(tiny_llama(), mixlora_config(contrastive_loss_coef=0.0))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        out = model(**batch, labels=batch["input_ids"])
+        (out.loss + model.base_model.get_aux_loss({"balance": 0.01})).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_the_block_is_an_nn_module_without_its_own_weight():
+    block = make_block("llama")
+    assert isinstance(block, nn.Module) and not hasattr(block.get_base_layer(), "weight")
