@@ -53,6 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperatures", nargs="*", type=float, default=[], help="CoMoE tau sweep (seed 0)")
     parser.add_argument("--num-experts-sweep", nargs="*", type=int, default=[], metavar="N",
                         help="CoMoE runs with N experts (seed 0)")
+    parser.add_argument("--target-modules", nargs="+", metavar="MODULE",
+                        help="where comoe and moe put their experts (default: the job's, the attention projections); "
+                             "`mlp` makes routed FFN-block experts")
+    parser.add_argument("--lora-target-modules", nargs="+", metavar="MODULE",
+                        help="where lora goes, at matched parameters (default: --target-modules)")
+    parser.add_argument("--placement-pair", nargs="+", metavar="MODULE",
+                        help="extra seed-0 runs of comoe and moe with per-linear experts on these modules (the "
+                             "paper's Table 6: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)")
     parser.add_argument("--router-lr-multipliers", nargs="*", type=float, default=[], metavar="M",
                         help="extra arms: comoe and moe on every seed with the routers at M times the learning rate")
     parser.add_argument("--save-steps", type=int, default=25,
@@ -86,12 +94,14 @@ def routing_steps(args: argparse.Namespace) -> list[int]:
 
 
 def method_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    """The step settings of one method's runs: none for base (it trains nothing)."""
+    """The step settings of one method's runs: none for base (it trains nothing); the targets where given."""
     if method == "base":
         return {"max_steps": 0, "save_steps": None, "routing_eval_steps": [], "bf16": None, "padding_free": False}
-    return {"max_steps": args.max_steps, "save_steps": args.save_steps, "bf16": True if args.bf16 else None,
-            "padding_free": args.padding_free,
-            "routing_eval_steps": routing_steps(args) if method in EXPERT_METHODS else []}
+    settings = {"max_steps": args.max_steps, "save_steps": args.save_steps, "bf16": True if args.bf16 else None,
+                "padding_free": args.padding_free,
+                "routing_eval_steps": routing_steps(args) if method in EXPERT_METHODS else []}
+    targets = (args.lora_target_modules or args.target_modules) if method == "lora" else args.target_modules
+    return settings | ({"target_modules": list(targets)} if targets else {})
 
 
 def check_reused_run(args: argparse.Namespace, stored: dict[str, Any], where: Path, method: str, seed: int,
@@ -103,7 +113,8 @@ def check_reused_run(args: argparse.Namespace, stored: dict[str, Any], where: Pa
               "max_steps": steps["max_steps"], "test_size": args.test_size,
               "max_train_per_task": args.max_train_per_task, "bf16": steps["bf16"],
               "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-              "padding_free": steps["padding_free"] or None} | overrides
+              "padding_free": steps["padding_free"] or None,
+              "target_modules": steps.get("target_modules")} | overrides
     differ = {k: (stored.get(k), v) for k, v in wanted.items() if v is not None and stored.get(k) != v}
     if differ:
         details = ", ".join(f"{k}: stored {a!r}, asked {b!r}" for k, (a, b) in differ.items())
@@ -444,6 +455,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sweeps = [run_one(args, f"comoe-lambda{v:g}", "comoe", 0, contrastive_loss_coef=v) for v in args.lambdas]
     sweeps += [run_one(args, f"comoe-tau{v:g}", "comoe", 0, contrastive_temperature=v) for v in args.temperatures]
     sweeps += [run_one(args, f"comoe-n{v}", "comoe", 0, num_experts=v) for v in args.num_experts_sweep]
+    if args.placement_pair:
+        sweeps += [run_one(args, f"{m}-{len(args.placement_pair)}proj-s0", m, 0,
+                           target_modules=list(args.placement_pair)) for m in ("comoe", "moe")]
     results, sweeps = [r for r in results if r], [r for r in sweeps if r]
     arms = router_lr_arms(args)
     summary = summarise(results, args.methods)

@@ -12,6 +12,9 @@ Arms (one copy of the model each, all in one process, interleaved round by round
     comoe          CoMoE through get_peft_model, contrastive loss off
     comoe_con      CoMoE, contrastive loss on (coefficient 0.01, every inactive expert a negative)
     (--prototype)  comoe_proto / comoe_con_proto: the same with the layer of `benchmarks/prototypes.py`
+    (--blocks)     FFN-block experts on the MLP instead of q, k, v, o: lora_mlp_kr (peft LoRA on gate, up, down at
+                   r = k*r), block (CoMoE with target_modules=["mlp"], contrastive loss off) and block_con
+                   (contrastive loss on, one sampled negative), reported against lora_mlp_kr
 
 Config (the issue's): N=4, k=2, r=16, lora_alpha=32, batch 8 x seq 128. Reported: median per-round ratios of the
 step time to lora_matched and to lora_kr, the bytes saved for backward by the forward (unique storages, parameters
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import platform
 import statistics
 import sys
@@ -44,6 +48,7 @@ from comoe_peft.tuner.files import write_json_atomic, write_text_atomic
 from comoe_peft import CoMoEConfig
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ARMS = ("lora_matched", "lora_kr", "loop", "comoe", "comoe_con")
 PROTOTYPE_ARMS = ("comoe_proto", "comoe_con_proto")
 QUICK = {"models": ["tiny"], "batch": 8, "seq": 128, "rounds": 5, "reps": 1}
@@ -166,6 +171,14 @@ def build_arms(base_model: nn.Module, args: argparse.Namespace) -> tuple[dict[st
     arms["loop"] = with_loop_experts(copy.deepcopy(base_model), args)
     arms["comoe"] = get_peft_model(copy.deepcopy(base_model), comoe_config(args, contrastive=False))
     arms["comoe_con"] = get_peft_model(copy.deepcopy(base_model), comoe_config(args, contrastive=True))
+    if args.blocks:
+        config = LoraConfig(r=args.top_k * args.r, lora_alpha=2 * args.top_k * args.r, lora_dropout=args.dropout,
+                            target_modules=list(MLP_PROJECTIONS))
+        arms["lora_mlp_kr"] = get_peft_model(copy.deepcopy(base_model), config)
+        for arm, contrastive in (("block", False), ("block_con", True)):
+            config = dataclasses.replace(comoe_config(args, contrastive), target_modules=["mlp"],
+                                         num_negatives=1 if contrastive else None)
+            arms[arm] = get_peft_model(copy.deepcopy(base_model), config)
     if args.prototype:
         arms["comoe_proto"] = to_prototype(get_peft_model(copy.deepcopy(base_model), comoe_config(args, False)))
         arms["comoe_con_proto"] = to_prototype(get_peft_model(copy.deepcopy(base_model), comoe_config(args, True)))
@@ -230,6 +243,8 @@ def run_model(name: str, base_model: nn.Module, args: argparse.Namespace) -> dic
             "median_seconds": statistics.median(times[arm]),
             "ratio_to_lora_matched": layer_speed.median_ratio(times, arm, "lora_matched"),
             "ratio_to_lora_kr": layer_speed.median_ratio(times, arm, "lora_kr"),
+            **({"ratio_to_lora_mlp_kr": layer_speed.median_ratio(times, arm, "lora_mlp_kr")}
+               if "lora_mlp_kr" in times else {}),
             "saved_bytes": saved[arm],
             "peak_cuda_bytes": peaks[arm],
             "trainable_params": sum(p.numel() for p in arms[arm].parameters() if p.requires_grad),
@@ -289,6 +304,14 @@ def markdown(report: dict) -> str:
         ok = result["targets"]["comoe_con_le_1.15x_lora_matched"]
         ratio = result["arms"]["comoe_con"]["ratio_to_lora_matched"]
         lines.append(f"- {result['model']}: {ratio:.3f} ({'met' if ok else 'MISSED'})")
+    blocks = [r for r in report["results"] if "lora_mlp_kr" in r["arms"]]
+    if blocks:
+        lines += ["", "FFN-block experts on the MLP (`--blocks`), against peft LoRA on gate, up, down at r = k*r "
+                  "(target: block <= 1.3x):", ""]
+        for result in blocks:
+            arms = result["arms"]
+            lines.append(f"- {result['model']}: block {arms['block']['ratio_to_lora_mlp_kr']:.3f}, block_con "
+                         f"{arms['block_con']['ratio_to_lora_mlp_kr']:.3f}")
     return "\n".join(lines) + "\n"
 
 
@@ -308,6 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny-layers", type=int, default=4)
     parser.add_argument("--tiny-vocab", type=int, default=8192)
     parser.add_argument("--prototype", action="store_true", help="also time the prototype layer of prototypes.py")
+    parser.add_argument("--blocks", action="store_true",
+                        help="also time FFN-block experts on the MLP against peft LoRA on gate, up, down at r = k*r")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out")

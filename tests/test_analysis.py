@@ -357,3 +357,37 @@ def test_js_colour_scale_is_fitted_to_the_data():
         assert "max" in colourbar.get_ylabel() and "nats" in colourbar.get_ylabel()
     finally:
         plt.close(figure)
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+def test_block_experts_are_analysed_from_their_explicit_outputs(tokenizer, builder):
+    """FFN-block experts (`target_modules=["mlp"]`): one entry per block; identical experts give cosine 1 and the
+    loss of all-equal logits; random ones a cosine below 1."""
+    from comoe_peft.tuner.block import Block
+
+    rank, num_experts, top_k, tau = 4, 4, 2, 0.5
+    config = CoMoEConfig(r=rank, num_experts=num_experts, top_k=top_k, target_modules=["mlp"], init_weights=False)
+    model = get_peft_model(builder(vocab=len(tokenizer)), config)
+    random_result = run(model, tokenizer, letters_dataset(n_per_task=3), batch_size=2, temperature=tau)
+    assert set(random_result["per_module"]) == {name.removeprefix("base_model.model.") for name, module in
+                                                model.named_modules() if isinstance(module, Block)}
+    assert random_result["summary"]["mean_pairwise_cosine"] < 0.99
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Block):
+                for name in ("comoe_A", "comoe_A_out"):
+                    down = getattr(module, name)["default"]
+                    experts = down.view(-1, num_experts, rank, down.shape[-1])  # (n, N, r, d)
+                    experts.copy_(experts[:, :1].expand_as(experts).clone())
+                up = module.comoe_B["default"].view(module.comoe_B["default"].shape[0], -1, num_experts, rank)
+                up.copy_(up[:, :, :1].expand_as(up).clone())
+                up_out = module.comoe_B_out["default"].view(-1, num_experts, rank)
+                up_out.copy_(up_out[:, :1].expand_as(up_out).clone())
+    result = run(model, tokenizer, letters_dataset(n_per_task=3), batch_size=2, temperature=tau)
+    positives, negatives = top_k - 1, num_experts - top_k
+    scale = math.exp(1.0 / tau)
+    expected_loss = -math.log(positives * scale / ((positives + negatives) * scale + CONTRASTIVE_EPS))
+    assert result["summary"]["mean_pairwise_cosine"] == pytest.approx(1.0, abs=1e-5)
+    for module in result["per_module"].values():
+        for stats in module["tasks"].values():
+            assert stats["contrastive_loss"] == pytest.approx(expected_loss, abs=1e-4)

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import block_speed
 import decode_speed
 import gpu_check
 import layer_speed
@@ -265,6 +266,31 @@ def test_quality_killed_mid_run_continues_where_it_stopped(tmp_path):
     assert (out / "results" / "comoe-s0.json").is_file()
 
 
+def test_block_speed_reports_every_arm_and_the_block_equals_the_loop(tmp_path):
+    out, table = tmp_path / "block.json", tmp_path / "block.md"
+    report = block_speed.main(["--shapes", "tiny", "--tokens", "128", "--rounds", "1", "--reps", "1",
+                               "--out", str(out), "--markdown", str(table)])
+    (result,) = report["results"]
+    assert set(result["arms"]) == set(block_speed.ARMS)
+    assert result["max_abs_difference_block_vs_loop"] < 1e-5
+    for arm, values in result["arms"].items():
+        assert finite_positive(values["ratio_to_lora_kr"]), arm
+    assert result["arms"]["block"]["trainable_params"] == result["arms"]["block_con"]["trainable_params"]
+    assert finite_positive(result["decode_ratio_block_to_lora_kr"])
+    assert set(result["targets"]) == {"block_le_1.3x_lora_kr", "decode_le_1.15x_lora_kr"}
+    assert json.loads(out.read_text())["results"][0]["shape"] == "tiny" and "| tiny (32->64)" in table.read_text()
+
+
+def test_train_step_block_arms_compare_with_lora_on_the_mlp(tmp_path):
+    argv = ["--quick", "--rounds", "1", "--batch", "2", "--seq", "16", "--tiny-hidden", "64", "--tiny-vocab", "256",
+            "--tiny-layers", "2", "--blocks", "--markdown", str(tmp_path / "t.md")]
+    (result,) = train_step.main(argv)["results"]
+    for arm in ("lora_mlp_kr", "block", "block_con"):
+        assert finite_positive(result["arms"][arm]["ratio_to_lora_mlp_kr"]), arm
+        assert math.isfinite(result["arms"][arm]["loss"])
+    assert "FFN-block experts on the MLP" in (tmp_path / "t.md").read_text()
+
+
 def test_quality_v2_run_folders_stay_out_of_git_and_their_results_do_not():
     import shutil
     import subprocess
@@ -344,9 +370,13 @@ def test_gpu_check_dry_run_checks_every_command_within_the_budget(tmp_path, caps
     for command in summary["steps"][1:]:
         assert Path(command[1]).is_file() and "--device" in command and "cuda" in command
         assert any(str(tmp_path) in part for part in command), "results go to --out-dir"
+    # the CUDA tests: only the files holding them, so the check needs nothing the other tests import (trl, datasets)
+    cuda_files = {"tests/test_layer.py", "tests/test_inference.py", "tests/test_dora.py", "tests/test_qlora.py"}
+    assert cuda_files <= set(summary["steps"][0]) and "tests" not in summary["steps"][0]
+    assert summary["collected"]["cuda_tests"] >= len(cuda_files), "pytest collected them in the dry run"
     assert not list(tmp_path.iterdir()), "a dry run writes nothing"
     printed = capsys.readouterr().out
-    assert "decode_compiled" in printed and "at most" in printed
+    assert "decode_compiled" in printed and "at most" in printed and "nothing was run" in printed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_llama
 
 from comoe_peft_launcher import main
-from comoe_peft.experiments.jobs import PRESETS, matched_lora_rank
+from comoe_peft.experiments.jobs import PRESETS, lora_target_modules, matched_lora_rank
 from comoe_peft.experiments.runs import RunError, finish_run, start_run
 
 
@@ -101,6 +101,27 @@ def test_matched_lora_rank():
     in_out = 2 * (64 + 48 + 48 + 64)
     ins = 2 * 4 * 32
     assert matched_lora_rank(model, num_experts=4, rank=4) == round((4 * 4 * in_out + 4 * ins) / in_out)
+
+
+def test_matched_lora_rank_counts_a_block_as_its_projections_with_one_router():
+    model = tiny_llama()  # gate, up: 32 -> 64; down: 64 -> 32; 2 layers
+    in_out = 2 * 3 * (32 + 64)
+    ins = 2 * 32
+    assert matched_lora_rank(model, num_experts=4, rank=4, target_modules=["mlp"]) == round(
+        (4 * 4 * in_out + 4 * ins) / in_out)
+    assert lora_target_modules(model, ["q_proj", "mlp"]) == ["down_proj", "gate_proj", "q_proj", "up_proj"]
+
+
+def test_block_experts_and_their_matched_lora_from_the_command(tmp_path, tiny_model_dir, examples_file):
+    """`--target-modules mlp`: comoe trains block experts; lora goes on the projections inside the blocks."""
+    assert quick(tiny_model_dir, examples_file, tmp_path / "comoe", "--target-modules", "q_proj", "mlp") == 0
+    assert quick(tiny_model_dir, examples_file, tmp_path / "lora", "--method", "lora", "--target-modules", "mlp") == 0
+    comoe = json.loads((tmp_path / "comoe" / "adapter" / "adapter_config.json").read_text())
+    lora = json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(comoe["target_modules"]) == ["mlp", "q_proj"]
+    assert sorted(lora["target_modules"]) == ["down_proj", "gate_proj", "up_proj"]
+    comoe_params = json.loads((tmp_path / "comoe" / "run_config.json").read_text())["trainable_parameters"]
+    assert comoe_params > 0
 
 
 def test_presets_name_every_tunable_field():

@@ -144,6 +144,20 @@ def test_ctrl_c_while_the_libraries_load(monkeypatch, capsys):
     one_line(capsys, prefix="comoe-peft eval: stopped while loading, before the command started (Ctrl-C)")
 
 
+def test_too_old_a_trl_is_one_line(monkeypatch, capsys, tmp_path):
+    """Forced beside a trl older than CoMoESFTTrainer's minimum (the experiments extra asks for >= 1.9), `train`
+    says so in one line instead of a traceback."""
+    import comoe_peft.tuner.versions as versions
+
+    real = versions.installed_version
+    monkeypatch.setattr(versions, "installed_version", lambda name: "0.24.0" if name == "trl" else real(name))
+    monkeypatch.delitem(sys.modules, "comoe_peft.training.sft", raising=False)  # imported again: checks again
+    assert main(["train", "--output-dir", str(tmp_path / "run")]) == 2
+    line = one_line(capsys)
+    assert line == ("comoe-peft: error: CoMoESFTTrainer needs trl>=1.9, found trl 0.24.0: pip install 'trl>=1.9' "
+                    "(or use CoMoETrainer, the plain transformers.Trainer path, which needs no trl).")
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_a_checkpointed_run_says_the_same_command_resumes_it(tmp_path, tiny_model_dir,
                                                                            examples_file):

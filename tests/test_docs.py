@@ -3,7 +3,8 @@
 Rule: every code block on the site either runs in a test or is a notebook cell (the notebooks in tutorials/ run with
 `pytest --nbval-lax tutorials/`). Concretely:
 
-* docs/*.md may contain only ```python and ```bash blocks (checked below).
+* docs/*.md may contain only ```python and ```bash blocks (checked below), and ```yaml blocks with a title on
+  integrations.md: axolotl configs, which parse here and which tests/test_axolotl_plugin.py trains with.
 * ```python blocks run: the blocks of one page in order, in one namespace, in a fresh subprocess whose working
   directory is a temporary folder (so a later block may read what an earlier one wrote, e.g. the expert-load history
   of train.py on the training page). They build tiny random models; nothing is downloaded.
@@ -20,6 +21,12 @@ Rule: every code block on the site either runs in a test or is a notebook cell (
       of the docs;
     - `comoe-peft ...`: parsed with the command's own argument parsers (`comoe_peft_launcher.parse_command`,
       `--config` files named from the repository root);
+    - `python benchmarks/X.py ...`: parsed with the script's own parser;
+    - `python3 -m pip install --no-index ...`: the air-gapped GPU box's line, `benchmarks/gpu_wheelhouse.py`'s
+      BOX_COMMAND;
+    - `python -m comoe_peft.integrations.llamafactory CONFIG key=value ...`: the config exists and passes the
+      LLaMA-Factory recipe's `check_args` (tests/test_llamafactory_recipe.py runs it with LLaMA-Factory);
+    - `axolotl train FILE`: FILE is a ```yaml title="FILE" block of the docs that names the CoMoE plugin;
     - anything else fails the test, so that a new kind of command gets a check.
 """
 
@@ -57,7 +64,12 @@ NOT_DOCUMENTED = {
     # the layers' packages only hand their modules' names on (docs/architecture.md describes the layers)
     "comoe_peft.tuner": "re-exports the tuner modules' public names",
     "comoe_peft.training": "re-exports the training modules' public names",
+    "comoe_peft.training.trainer": "the trainers' public path: re-exports the names of `mixin` and `sft`",
+    "comoe_peft.integrations": "a package docstring only",
     "comoe_peft.experiments": "a package docstring only",
+    "comoe_peft.integrations": "a package docstring only",
+    # imports axolotl, which the docs build does not install; docs/integrations.md documents it, hook by hook
+    "comoe_peft.integrations.axolotl": "the axolotl plugin, on docs/integrations.md",
 }
 
 SUBPROCESS_ENV = {
@@ -139,8 +151,22 @@ def run_blocks(blocks: list[tuple[str, str]], cwd: Path, timeout: int = 600) -> 
 def test_docs_have_only_python_and_bash_blocks():
     assert ALL_BLOCKS, "no code blocks found in docs/"
     others = [f"{b.label} ```{b.language}" for b in ALL_BLOCKS if b.language not in ("python", "bash")
-              and not (b.language == "text" and "architecture.md" in b.label)]  # checked below
+              and not (b.language == "text" and "architecture.md" in b.label)  # checked below
+              and not (b.language == "yaml" and "integrations.md" in b.label and b.title)]  # checked below
     assert not others, f"code blocks that no test runs or checks: {others}"
+
+
+def test_axolotl_configs_parse_and_name_the_plugin():
+    """The axolotl YAML of docs/integrations.md parses, uses the plugin, and tests/test_axolotl_plugin.py reads it."""
+    import yaml
+
+    configs = [b for b in ALL_BLOCKS if b.language == "yaml"]
+    assert configs, "docs/integrations.md shows no axolotl YAML"
+    for block in configs:
+        config = yaml.safe_load(block.code)
+        assert config["plugins"] == ["comoe_peft.integrations.axolotl.CoMoEPlugin"], block.label
+        assert config["adapter"] == "comoe" and isinstance(config["comoe"], dict), block.label
+        assert f'title="{block.title}"' in (ROOT / "tests" / "test_axolotl_plugin.py").read_text(), block.label
 
 
 def test_architecture_picture_lists_each_layers_modules():
@@ -149,7 +175,7 @@ def test_architecture_picture_lists_each_layers_modules():
     listed: dict[str, set[str]] = {}
     layer = None
     for line in picture.splitlines():
-        head = re.match(r"\s*comoe_peft\.(tuner|training|experiments)\s+(.*)", line)
+        head = re.match(r"\s*comoe_peft\.(tuner|training|integrations|experiments)\s+(.*)", line)
         if head:
             layer, line = head.group(1), head.group(2)
         elif not line.startswith(" " * 20) or layer is None:
@@ -157,7 +183,7 @@ def test_architecture_picture_lists_each_layers_modules():
             continue
         words = re.findall(r"\b([a-z_]+)\b(?![.(])", re.sub(r"\(.*?\)", "", line))
         listed.setdefault(layer, set()).update(words)
-    for name in ("tuner", "training", "experiments"):
+    for name in ("tuner", "training", "integrations", "experiments"):
         folder = ROOT / "comoe_peft" / name
         actual = {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
         assert actual <= listed.get(name, set()), f"docs/architecture.md: {name} lacks {sorted(actual - listed[name])}"
@@ -250,6 +276,37 @@ def check_benchmark(argv: list[str], label: str) -> None:
         sys.path.remove(str(script.parent))
 
 
+def check_gpu_box(argv: list[str], label: str) -> None:
+    """The air-gapped GPU box's install-and-run line: the one benchmarks/gpu_wheelhouse.py prints (its BOX_COMMAND),
+    optionally with `--dry-run`."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        expected = shlex.split(importlib.import_module("gpu_wheelhouse").BOX_COMMAND)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert argv in (expected, [*expected, "--dry-run"]), f"{label}: not gpu_wheelhouse.BOX_COMMAND"
+
+
+def check_llamafactory(argv: list[str], label: str) -> None:
+    """`python -m comoe_peft.integrations.llamafactory CONFIG key=value ...`: the config file exists and, with the
+    overrides (read as LLaMA-Factory reads them, YAML values), passes the recipe's own checks (nothing is built)."""
+    import yaml
+
+    from comoe_peft.integrations.llamafactory import RecipeError, check_args
+
+    config = ROOT / argv[3]
+    assert config.is_file(), f"{label}: no config file {argv[3]}"
+    args = yaml.safe_load(config.read_text(encoding="utf-8"))
+    for override in argv[4:]:
+        key, _, value = override.partition("=")
+        assert key and _, f"{label}: `{override}` is not key=value"
+        args[key] = yaml.safe_load(value)
+    try:
+        check_args(args)
+    except RecipeError as error:
+        raise AssertionError(f"{label}: the recipe refuses {shlex.join(argv)}: {error}") from error
+
+
 def test_bash_commands_name_what_exists():
     readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     readme_installs = [shlex.split(line, comments=True) for line in readme if line.startswith("pip install")]
@@ -268,8 +325,16 @@ def test_bash_commands_name_what_exists():
             check_accelerate(argv, label)
         elif argv[0] == "comoe-peft":
             check_comoe_peft(argv, label)
+        elif argv[:3] == ["python", "-m", "comoe_peft.integrations.llamafactory"]:
+            check_llamafactory(argv, label)
+        elif argv[0] == "axolotl":
+            assert argv[1:2] == ["train"] and len(argv) == 3, f"{label}: only `axolotl train FILE` is documented"
+            assert argv[2] in {b.title for b in ALL_BLOCKS if b.language == "yaml"}, (
+                f"{label}: {argv[2]} is not a ```yaml title=\"{argv[2]}\" block of the docs")
         elif argv[0] == "python" and argv[1].startswith("benchmarks/"):
             check_benchmark(argv, label)
+        elif argv[:5] == ["python3", "-m", "pip", "install", "--no-index"]:
+            check_gpu_box(argv, label)
         else:
             raise AssertionError(f"{label}: no check for `{line}`; add one to tests/test_docs.py")
         seen.add(argv[0] if argv[0] != "python" else "pytest")

@@ -48,10 +48,16 @@ from .analysis_metrics import (
     routing_entropy,
 )
 from .data import format_prompt, pad_token_id
+from comoe_peft.tuner.block import Block
 from comoe_peft.tuner.dora import contrasted_up_projection
 from comoe_peft.tuner.fused_down import route, router_dtype
 from comoe_peft.tuner.layer import CoMoELayer
-from comoe_peft.tuner.losses import NORM_EPS, contrastive_loss, sample_contrastive_indices
+from comoe_peft.tuner.losses import (
+    NORM_EPS,
+    contrastive_loss,
+    contrastive_loss_from_outputs,
+    sample_contrastive_indices,
+)
 from comoe_peft.tuner.model import layer_index
 
 TOKENS_PER_MODULE_PER_BATCH = 256  # tokens kept per module and batch for the cosine and the contrastive loss
@@ -114,6 +120,17 @@ def _contrastive_defined(num_experts: int, top_k: int) -> bool:
     return 2 <= top_k < num_experts
 
 
+def token_expert_cosines(outputs: torch.Tensor) -> torch.Tensor:
+    """Per-token mean cosine over expert pairs i < j of explicit expert outputs (T, N, d): (T,). An output shorter
+    than `NORM_EPS` has no direction: its cosines count as 0."""
+    num_experts = outputs.shape[1]
+    norms = outputs.norm(dim=-1, keepdim=True)  # (T, N, 1)
+    unit = torch.where(norms > NORM_EPS, outputs / norms.clamp_min(NORM_EPS), torch.zeros_like(outputs))
+    cosines = unit @ unit.transpose(1, 2)  # (T, N, N)
+    upper = torch.triu_indices(num_experts, num_experts, offset=1, device=outputs.device)
+    return cosines[:, upper[0], upper[1]].mean(dim=-1)  # (T,)
+
+
 def expert_outputs_cosine(h: torch.Tensor, expert_up: torch.Tensor) -> torch.Tensor:
     """Per-token mean cosine over expert pairs i < j of o_j = B_j h_j: (T,).
 
@@ -123,12 +140,7 @@ def expert_outputs_cosine(h: torch.Tensor, expert_up: torch.Tensor) -> torch.Ten
     """
     _, num_experts, rank = h.shape
     up = expert_up.to(h.dtype).view(-1, num_experts, rank)  # (d_out, N, r)
-    outputs = torch.einsum("tnr,dnr->tnd", h, up)  # (T, N, d_out)
-    norms = outputs.norm(dim=-1, keepdim=True)  # (T, N, 1)
-    unit = torch.where(norms > NORM_EPS, outputs / norms.clamp_min(NORM_EPS), torch.zeros_like(outputs))
-    cosines = unit @ unit.transpose(1, 2)  # (T, N, N)
-    upper = torch.triu_indices(num_experts, num_experts, offset=1, device=h.device)
-    return cosines[:, upper[0], upper[1]].mean(dim=-1)  # (T,)
+    return token_expert_cosines(torch.einsum("tnr,dnr->tnd", h, up))  # from (T, N, d_out)
 
 
 class _Recorder:
@@ -192,6 +204,9 @@ class _Recorder:
         # expert outputs on a seeded subsample of the valid tokens
         keep = torch.randperm(tokens.shape[0], generator=self.generator)[:TOKENS_PER_MODULE_PER_BATCH]
         keep = keep.to(tokens.device)
+        if isinstance(layer, Block):
+            self._accumulate_block_outputs(acc, layer, tokens[keep], topk_idx[keep], settings)
+            return
         sample = tokens[keep].to(compute)  # (S, d_in)
         down = layer.comoe_A[adapter].to(compute)  # (N*r, d_in)
         up = contrasted_up_projection(layer, adapter)  # (d_out, N*r): B_cat, or [c_j B_j] for DoRA experts
@@ -204,6 +219,22 @@ class _Recorder:
             per_token = contrastive_loss(h, up, indices, tau)  # mean over tokens of the sum over the k anchors
             acc.contrastive_sum += float(per_token) / top_k * h.shape[0]  # per anchor, summed over tokens
         acc.num_sampled += h.shape[0]
+
+
+    def _accumulate_block_outputs(self, acc: _ModuleAccumulator, layer: Block, sample: torch.Tensor,
+                                  topk_idx: torch.Tensor, settings: Any) -> None:
+        """Block experts: cosines and the contrastive loss from explicit E_j(x) - MLP(x) (no Gram trick there)."""
+        outputs = layer.expert_outputs(sample, self.adapter).float()  # (S, N, d)
+        acc.cosine_sum += float(token_expert_cosines(outputs).sum())
+        num_experts, top_k = settings.num_experts, settings.top_k
+        if _contrastive_defined(num_experts, top_k):
+            tau = self.temperature if self.temperature is not None else settings.contrastive_temperature
+            indices = sample_contrastive_indices(topk_idx, num_experts, "all", None)
+            chosen = torch.cat([topk_idx, indices.negative_idx], dim=1)  # (S, N): active, then inactive
+            ordered = outputs.gather(1, chosen.unsqueeze(-1).expand(-1, -1, outputs.shape[-1]))  # (S, N, d)
+            per_token = contrastive_loss_from_outputs(ordered, indices, tau)
+            acc.contrastive_sum += float(per_token) / top_k * outputs.shape[0]
+        acc.num_sampled += outputs.shape[0]
 
 
 # ------------------------------------------------------------------ feeding the model

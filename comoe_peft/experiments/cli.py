@@ -446,6 +446,8 @@ def stop_on_sigterm() -> Iterator[None]:
 def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
     """Run a parsed command (`comoe_peft_launcher.main` parses it): `args` from the top-level parser, `rest` the
     arguments of `train`. Returns the exit status: 0, 2 after a one-line error, 130 after Ctrl-C (one line too)."""
+    from comoe_peft.tuner.versions import TooOldError
+
     from .runs import RunError
 
     handlers = {"train": lambda: run_train(rest), "eval": lambda: run_eval(args), "analyze": lambda: run_analyze(args)}
@@ -469,6 +471,11 @@ def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
         after_progress_bar = "\n" if str(error) else ""  # the trainer's bar leaves the cursor at the end of its line
         print(f"{after_progress_bar}comoe-peft {args.command}: {where} (Ctrl-C)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TooOldError as error:  # e.g. trl older than CoMoESFTTrainer's minimum: the message is one line already
+        if args.debug:
+            raise
+        print(f"comoe-peft: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except ModuleNotFoundError as error:
         if args.debug or (error.name or "").split(".")[0] not in EXTRA_MODULES:
             raise

@@ -24,6 +24,7 @@ import torch
 from datasets import Dataset, load_from_disk
 
 from comoe_peft import __version__
+from comoe_peft.tuner.block import block_layout, projection_features
 from comoe_peft.tuner.config import CoMoEConfig
 from .data import format_prompt, load_examples, to_sft_dataset, train_test_split_per_task
 from .options import (
@@ -238,7 +239,8 @@ def adapter_config(options: TrainOptions, model: torch.nn.Module):
     rank = matched_lora_rank(model, options.num_experts, options.rank, options.target_modules)
     lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
     return LoraConfig(**{"r": rank, "lora_alpha": 2 * rank, "lora_dropout": options.lora_dropout,
-                         "target_modules": list(options.target_modules), "task_type": "CAUSAL_LM"}
+                         "target_modules": lora_target_modules(model, options.target_modules),
+                         "task_type": "CAUSAL_LM"}
                       | {k: v for k, v in extra.items() if k in lora_fields and v is not None})
 
 
@@ -265,16 +267,40 @@ def linear_layers_hint(model: torch.nn.Module) -> str:
     return f"its linear layers are named {', '.join(names)}: choose among them"
 
 
+def _targeted_blocks(model: torch.nn.Module, targets: list[str]) -> list[tuple[torch.nn.Module, Any]]:
+    """The MLP blocks (with their layouts) whose names are among the targets: they get block experts."""
+    blocks = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and (layout := block_layout(module)) is not None:
+            blocks.append((module, layout))
+    return blocks
+
+
+def lora_target_modules(model: torch.nn.Module, target_modules: list[str]) -> list[str]:
+    """LoRA's targets for the job's: an MLP block (block experts for comoe / moe) stands for the projections inside
+    it, which is where LoRA goes."""
+    names = {name for name in target_modules}
+    for _, layout in _targeted_blocks(model, list(target_modules)):
+        names |= {*layout.inputs, layout.output}
+    block_names = {t for t in target_modules if _targeted_blocks(model, [t])}
+    return sorted(names - block_names)
+
+
 def matched_lora_rank(model: torch.nn.Module, num_experts: int, rank: int,
                       target_modules: list[str] | None = None) -> int:
     """LoRA rank whose trainable parameters match CoMoE's N experts of rank r plus the routers on the targets
-    (`target_modules`: module-name suffixes, default the attention projections)."""
+    (`target_modules`: module-name suffixes, default the attention projections; an MLP block counts its
+    projections, each with N experts, and one router at the block's input)."""
     targets = list(target_modules or TARGET_MODULES)
     in_out, ins = 0, 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             in_out += module.in_features + module.out_features
             ins += module.in_features
+    for block, layout in _targeted_blocks(model, targets):
+        features = [projection_features(getattr(block, part)) for part in (*layout.inputs, layout.output)]
+        in_out += sum(d_in + d_out for d_in, d_out in features)
+        ins += features[0][0]  # the block's router reads its input
     if in_out == 0:
         raise RunError(f"--target-modules {' '.join(targets)} matches no linear layer of the model; "
                        f"{linear_layers_hint(model)}")
