@@ -201,7 +201,11 @@ def test_save_load_disable_and_unload_on_a_quantized_base(model_dir, tmp_path, q
     model = get_peft_model(load(model_dir, quant), comoe_config())
     train_steps(model, inputs, steps=2)
     expected = logits(model, inputs)
-    reference_base = logits(load(model_dir, quant), inputs)
+    # the base as a CoMoE model computes it (4-bit weights never repacked) and as bitsandbytes alone does (on a CPU
+    # with AVX512-BF16 it repacks them at the first eval forward: other kernels, other roundings; elsewhere equal)
+    as_loaded = load(model_dir, quant)
+    comoe_bnb.disable_cpu_inference_repacking(as_loaded)
+    reference_base, plain_base = logits(as_loaded, inputs), logits(load(model_dir, quant), inputs)
     with model.disable_adapter():
         torch.testing.assert_close(logits(model, inputs), reference_base, rtol=0, atol=0)
     assert not torch.allclose(expected, reference_base)
@@ -214,7 +218,7 @@ def test_save_load_disable_and_unload_on_a_quantized_base(model_dir, tmp_path, q
     assert not any(isinstance(m, CoMoELayer) for m in unloaded.modules())
     kind = bnb.nn.Linear8bitLt if quant == "int8" else bnb.nn.Linear4bit
     assert isinstance(unloaded.model.layers[0].self_attn.q_proj, kind)
-    torch.testing.assert_close(logits(unloaded, inputs), reference_base, rtol=0, atol=0)
+    torch.testing.assert_close(logits(unloaded, inputs), plain_base, rtol=0, atol=0)  # bitsandbytes' own again
 
 
 def test_two_adapters_on_a_4bit_base(model_dir):
