@@ -103,3 +103,23 @@ def test_train_help_shows_the_jobs_defaults_under_the_default_preset():
                 for name, value in options.preset_values("default").items()}
     assert {flag: shown.get(flag) for flag in expected} == expected
     assert shown["--num-experts"] == "4" and shown["--max-steps"] == "100"
+
+
+def test_a_lora_run_leaves_a_presets_comoe_trainer_settings_out_and_refuses_given_ones(
+        layout_preset, tiny_model_dir, examples_file, tmp_path, capsys):
+    """`--method lora` beside a preset made for the experts: TRL's SFTConfig has no comoe_* fields."""
+    from trl import SFTTrainer
+
+    options = parse_train_args(["--preset", "layout", "--method", "lora", "--model", str(tiny_model_dir),
+                                "--output-dir", str(tmp_path / "run")]).resolved()
+    assert options.extra == {"comoe_router_aux_loss_coef": 0.001}  # recorded as the preset gave it
+    _, model, tokenizer = jobs.load_base_model(str(tiny_model_dir))
+    trainer = jobs.build_trainer(options, model, tokenizer, jobs.load_examples(str(examples_file)),
+                                 tmp_path / "trainer")
+    assert type(trainer) is SFTTrainer and not hasattr(trainer.args, "comoe_router_aux_loss_coef")
+    capsys.readouterr()
+    assert main(["train", "--method", "lora", "--comoe-router-aux-loss-coef", "0.01", "--output-dir",
+                 str(tmp_path / "given")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("comoe-peft: error: --comoe-router-aux-loss-coef: options of the experts; --method "
+                           "lora has none") and "\n" not in line

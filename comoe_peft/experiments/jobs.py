@@ -464,7 +464,8 @@ def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, 
     ) | JOB_TRAINER_SETTINGS | options.extra
     dataset = to_sft_dataset(train_rows).remove_columns(["task"]).shuffle(seed=options.seed)
     peft_config = adapter_config(options, model)
-    if options.method == "lora":
+    if options.method == "lora":  # CoMoE's trainer settings (a preset's; given ones are refused) have no experts
+        settings = {name: value for name, value in settings.items() if not name.startswith("comoe_")}
         return SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config)
     settings["comoe_router_lr_multiplier"] = options.router_lr_multiplier
