@@ -123,3 +123,50 @@ def test_a_lora_run_leaves_a_presets_comoe_trainer_settings_out_and_refuses_give
     line = capsys.readouterr().err.strip()
     assert line.startswith("comoe-peft: error: --comoe-router-aux-loss-coef: options of the experts; --method "
                            "lora has none") and "\n" not in line
+
+
+# ---------------------------------------------------------------------------------------------- --preset mixlora
+
+MIXLORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "mlp"]
+RUN_SIZE = ("max_steps", "batch_size", "max_length", "max_train_per_task", "test_size", "analysis_examples_per_task")
+
+
+def test_the_mixlora_preset_is_mixloras_layout_at_the_default_presets_size():
+    by_flags = parse_train_args(["--preset", "mixlora", "--output-dir", "x"]).resolved()
+    assert by_flags == jobs.TrainOptions(output_dir="x", preset="mixlora").resolved()  # the Python API alike
+    assert (by_flags.num_experts, by_flags.top_k, by_flags.rank, by_flags.lora_dropout) == (8, 2, 16, 0.05)
+    assert by_flags.target_modules == MIXLORA_TARGETS and by_flags.learning_rate == 2e-4
+    assert by_flags.adapter_extra == {"lora_alpha": 32} and by_flags.extra == {"comoe_router_aux_loss_coef": 0.001}
+    default = jobs.PRESETS["default"]
+    assert [getattr(by_flags, name) for name in RUN_SIZE] == [default[name] for name in RUN_SIZE]
+    assert jobs.PRESETS["mixlora"]["num_experts"] == 8
+
+
+def test_the_mixlora_preset_builds_block_experts_beside_attention_experts():
+    from conftest import tiny_llama
+    from peft import get_peft_model
+
+    from comoe_peft.tuner.block import Block
+
+    options = jobs.TrainOptions(output_dir="x", preset="mixlora").resolved()
+    config = jobs.adapter_config(options, tiny_llama())
+    assert config.lora_alpha == 32 and config.target_modules == set(MIXLORA_TARGETS) and config.num_experts == 8
+    model = get_peft_model(tiny_llama(), config)
+    assert sum(isinstance(m, Block) for m in model.modules()) == 2  # one per layer of the tiny Llama
+
+
+def test_flags_and_config_override_the_mixlora_preset(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("preset: mixlora\ntarget_modules: [mlp]\ncomoe_router_aux_loss_coef: 0.0\n")
+    got = parse_train_args(["--config", str(config), "--num-experts", "4", "--lora-alpha", "16",
+                            "--output-dir", "x"]).resolved()
+    assert (got.num_experts, got.adapter_extra, got.target_modules) == (4, {"lora_alpha": 16}, ["mlp"])
+    assert got.extra == {"comoe_router_aux_loss_coef": 0.0} and got.learning_rate == 2e-4
+
+
+def test_the_preset_help_names_every_preset():
+    import comoe_peft_launcher
+
+    shipped = " ".join(comoe_peft_launcher.shipped_train_help().split())
+    entry = shipped.split("--preset TEXT", 1)[1].split(" --config ", 1)[0]
+    assert [name for name in options.preset_names() if f"{name} = " not in entry] == []

@@ -151,7 +151,8 @@ class ScriptArguments:
     preset: str = field(default="default", metadata={"help": (
         "A preset shipped with comoe-peft (comoe_peft/experiments/presets/NAME.yaml): quick = a smoke run (52 s of "
         "training on a 2-core CPU), default = 100 steps (14 minutes of training, 16 with eval and analyze, same "
-        "CPU). --config and flags override it.")})
+        "CPU), mixlora = MixLoRA's layout at default's size (8 experts, top-2, on q/k/v/o and on the MLP blocks; "
+        "r 16, alpha 32, balance loss 0.001, learning rate 2e-4). --config and flags override it.")})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing run folder."})
     cache_dir: str | None = field(default=None, metadata={
         "help": "Where the model and task files are cached (default ~/.cache/comoe_peft)."})
