@@ -420,3 +420,12 @@ def test_router_diagnosis_refuses_a_folder_without_a_trained_adapter(tmp_path, c
         router_diagnosis.main([str(tmp_path), "--batches", "1"])
     assert stop.value.code == 2 and "--batches must be at least 2" in capsys.readouterr().err
 
+
+
+def test_quality_routing_steps_read_every_presets_max_steps():
+    from comoe_peft.experiments.jobs import PRESETS
+
+    quality = load_quality()
+    for name, preset in PRESETS.items():
+        assert quality.routing_steps(quality.parse_args(["--preset", name]))[-1] == preset["max_steps"], name
+    assert quality.routing_steps(quality.parse_args(["--preset", "mixlora"])) == [25, 50, 75, 100]

@@ -125,7 +125,8 @@ def test_block_experts_and_their_matched_lora_from_the_command(tmp_path, tiny_mo
 
 
 def test_presets_name_every_tunable_field():
-    assert set(PRESETS["quick"]) == set(PRESETS["default"])
+    for name in PRESETS:
+        assert set(PRESETS[name]) == set(PRESETS["default"]), name
 
 
 @pytest.mark.slow

@@ -120,7 +120,7 @@ def test_precedence_preset_then_config_then_flags(tmp_path):
     assert options.max_steps == jobs.PRESETS["default"]["max_steps"] and options.seed == 0
 
 
-@pytest.mark.parametrize("name", ["quick", "default"])
+@pytest.mark.parametrize("name", ["quick", "default", "mixlora"])
 def test_a_shipped_preset_is_a_config_file(name):
     by_config = parse_train_args(["--config", str(PRESET_DIR / f"{name}.yaml"), "--output-dir", "x"]).resolved()
     by_preset = parse_train_args(["--preset", name, "--output-dir", "x"]).resolved()
@@ -131,7 +131,7 @@ def test_a_shipped_preset_is_a_config_file(name):
 def test_presets_ship_with_the_package():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"comoe_peft.experiments" = ["presets/*.yaml", "train_help.txt"]' in pyproject
-    assert sorted(p.name for p in PRESET_DIR.glob("*.yaml")) == ["default.yaml", "quick.yaml"]
+    assert sorted(p.name for p in PRESET_DIR.glob("*.yaml")) == ["default.yaml", "mixlora.yaml", "quick.yaml"]
 
 
 def test_old_flags_and_library_names_are_the_same_options():
@@ -328,20 +328,3 @@ def test_a_base_run_from_python_may_say_zero_steps():
     assert options.max_steps == 0
     with pytest.raises(jobs.RunError, match="trains nothing"):
         jobs.TrainOptions(output_dir="x", method="base", max_steps=-5).resolved()
-
-
-def test_the_mixlora_config_file_gives_block_experts_beside_attention_experts():
-    """configs/train/mixlora.yaml: MixLoRA's layout and settings, built into a CoMoE adapter on a tiny Llama."""
-    from conftest import tiny_llama
-    from comoe_peft.tuner.block import Block
-
-    options = parse_train_args(["--config", str(ROOT / "configs" / "train" / "mixlora.yaml"),
-                                "--output-dir", "x"]).resolved()
-    assert (options.num_experts, options.top_k, options.rank, options.learning_rate) == (8, 2, 16, 2e-4)
-    assert options.extra["comoe_router_aux_loss_coef"] == 0.001
-    config = jobs.adapter_config(options, tiny_llama())
-    assert config.lora_alpha == 32 and config.target_modules == {"q_proj", "k_proj", "v_proj", "o_proj", "mlp"}
-    from peft import get_peft_model
-
-    model = get_peft_model(tiny_llama(), config)
-    assert sum(isinstance(m, Block) for m in model.modules()) == 2

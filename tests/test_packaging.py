@@ -61,7 +61,8 @@ def test_the_test_extra_brings_the_experiments_and_the_docs():
 
 # what an installed package needs beyond its modules: the console script's module, the presets, train --help's text
 PACKAGE_FILES = ["comoe_peft_launcher.py", "comoe_peft/experiments/presets/default.yaml",
-                 "comoe_peft/experiments/presets/quick.yaml", "comoe_peft/experiments/train_help.txt",
+                 "comoe_peft/experiments/presets/quick.yaml", "comoe_peft/experiments/presets/mixlora.yaml",
+                 "comoe_peft/experiments/train_help.txt",
                  "comoe_peft/tuner/model.py", "comoe_peft/training/trainer.py", "comoe_peft/experiments/cli.py"]
 
 

@@ -11,8 +11,8 @@ comoe-peft analyze RUN
 
 `train` is parsed by TRL's `TrlParser` from three dataclasses (`comoe_peft.experiments.options`): every field of
 the job's `ScriptArguments`, of the trainer's `CoMoESFTConfig` and of the adapter's `CoMoEConfig` is a flag and a
-key of a `--config` YAML file. Precedence, lowest first: the job's defaults, the preset (`--preset NAME`, a YAML
-file shipped in `comoe_peft/experiments/presets/`), the `--config` file, the flags.
+key of a `--config` YAML file. Precedence, lowest first: the job's defaults, the default preset, the chosen preset
+(`--preset NAME`, a YAML file shipped in `comoe_peft/experiments/presets/`), the `--config` file, the flags.
 
 Errors in the user's input (a bad value, a missing model, an unknown task, a dataset with the wrong columns, a
 folder that cannot be written, a run of the wrong method) print one line and exit with status 2, before anything
@@ -64,7 +64,7 @@ def build_train_parser() -> argparse.ArgumentParser:
         TRAINER_ALIASES,
         ScriptArguments,
         adapter_arguments,
-        load_preset,
+        preset_values,
     )
 
     class TrainParser(TrlParser):
@@ -91,7 +91,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     for name, text in TRAINER_HELP.items():
         own[name].help = text
     # only the help reads these defaults (the values parsed are what the user typed): the job's, not TRL's
-    parser.set_defaults_with_config(**load_preset("default"), seed=0, **JOB_TRAINER_SETTINGS, **JOB_DERIVED_SETTINGS)
+    parser.set_defaults_with_config(**(preset_values("default") | JOB_TRAINER_SETTINGS | JOB_DERIVED_SETTINGS))
     return parser
 
 
@@ -129,7 +129,8 @@ HELP_EPILOG = (
     "Every other field of TRL's SFTConfig is accepted too, TRL's hub and tracking options included (--report-to "
     "wandb, --run-name, --push-to-hub, --hub-model-id, ...), with TRL's defaults: --help-all lists them all. "
     "Options are spelt with dashes or underscores (--max-steps, --max_steps) and are keys of a --config YAML "
-    "file. Precedence, lowest first: the job's defaults, the preset, the --config file, the flags. "
+    "file. Precedence, lowest first: the job's defaults, the default preset, the chosen preset, the --config file, "
+    "the flags. "
     "docs/cli.md has the details."
 )
 HELP_WIDTH = 100  # the shipped help text is rendered at this width, whatever the terminal's

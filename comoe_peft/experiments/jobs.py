@@ -3,8 +3,8 @@
 `train` fine-tunes one method (`comoe`, `moe` = the same experts without the contrastive term, or `lora` = peft
 LoRA at a matched number of trainable parameters) on a task mixture, or, for `base`, writes a run folder with the
 same held-out split and no adapter, so that the zero-shot base model is scored like the others; `evaluate_run`
-scores a run with lm-evaluation-harness on its held-out examples or on lm-eval's own tasks; `analyze_run` writes the expert-specialisation report. `PRESETS` holds the
-settings of `--preset quick` and `--preset default`.
+scores a run with lm-evaluation-harness on its held-out examples or on lm-eval's own tasks; `analyze_run` writes
+the expert-specialisation report. `PRESETS` holds every value each `--preset` gives a run.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from .options import (
     TARGET_MODULES,
     ScriptArguments,
     command_values,
-    load_preset,
     preset_names,
+    preset_values,
     train_options_kwargs,
 )
 from comoe_peft.tuner.registration import write_loading_note
@@ -68,65 +68,65 @@ logger = logging.getLogger(__name__)
 
 
 def _preset(name: str) -> dict[str, Any]:
-    """A shipped preset under `TrainOptions`' names."""
-    kwargs = train_options_kwargs(load_preset(name))
-    return {k: v for k, v in kwargs.items() if k not in ("extra", "adapter_extra")}
+    """What the shipped preset `name` gives a run (`options.preset_values`), under `TrainOptions`' names."""
+    return train_options_kwargs(preset_values(name))
 
 
-# the settings of `--preset quick` and `--preset default`, read from comoe_peft/experiments/presets/*.yaml
+# every value each shipped preset gives a run (comoe_peft/experiments/presets/*.yaml over the default preset and the
+# job's defaults), under `TrainOptions`' names: PRESETS["quick"]["max_steps"] is 12
 PRESETS: dict[str, dict[str, Any]] = {name: _preset(name) for name in preset_names()}
 
 
 @dataclass(kw_only=True)
 class TrainOptions(ScriptArguments):
     """Everything `comoe-peft train` needs: the job's `ScriptArguments` plus the trainer and adapter settings the
-    job has always had, under short names; the preset fills the fields left as None.
+    job has always had, under short names. A None field is not given: `resolved()` takes it from the preset, else
+    the default preset, else the job's defaults (`comoe_peft.experiments.options.JOB_DEFAULTS`).
 
     `extra`: any other `CoMoESFTConfig` / `SFTConfig` field (TRL's names), passed to the trainer over the job's
     settings; `adapter_extra`: any other adapter field of `comoe_peft.experiments.options.ADAPTER_FIELD_TYPES`
-    (peft's names), passed to the adapter config.
+    (peft's names), passed to the adapter config. Their keys override the presets' one by one.
     """
 
     output_dir: str
-    seed: int = 0
-    num_experts: int = 4
-    top_k: int = 2
-    rank: int = 16
-    lora_dropout: float = 0.05
-    contrastive_loss_coef: float = 0.01
-    contrastive_temperature: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
+    seed: int | None = None
+    num_experts: int | None = None
+    top_k: int | None = None
+    rank: int | None = None
+    lora_dropout: float | None = None
+    contrastive_loss_coef: float | None = None
+    contrastive_temperature: float | None = None
+    target_modules: list[str] | None = None
     max_steps: int | None = None
     batch_size: int | None = None
     max_length: int | None = None
     learning_rate: float | None = None
     save_steps: int | None = None
     bf16: bool | None = None
-    router_lr_multiplier: float = 1.0
-    padding_free: bool = False
+    router_lr_multiplier: float | None = None
+    padding_free: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     adapter_extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainOptions:
-        """A copy with every None field taken from the preset, after checking every value
-        (`comoe_peft.experiments.validation.check_train_values`; a `RunError` names the first bad one)."""
+        """A copy with every option that is not given (None) taken from the preset, then the default preset, then
+        the job's defaults, after checking every value (`comoe_peft.experiments.validation.check_train_values`; a
+        `RunError` names the first bad one)."""
         from .validation import check_train_values
 
-        if self.preset not in PRESETS:
+        if self.preset not in preset_names():
             check_train_values({"output_dir": self.output_dir, "method": self.method, "preset": self.preset})
-        values = dataclasses.asdict(self)
-        for name, value in PRESETS[self.preset].items():
-            if values[name] is None:
-                values[name] = value
+        given = {name: value for name, value in command_values(self).items() if value is not None}
+        options = TrainOptions(**train_options_kwargs(preset_values(self.preset) | given))
         for name in ("save_steps", "max_steps"):  # TRL reads steps as floats; the job counts whole steps
-            if isinstance(values[name], float) and values[name].is_integer():
-                values[name] = int(values[name])
-        options = TrainOptions(**values)
+            value = getattr(options, name)
+            if isinstance(value, float) and value.is_integer():
+                setattr(options, name, int(value))
         check_train_values(command_values(options), self.training_only_given())  # given: before the preset
         check_quantization(self.load_in_4bit, self.load_in_8bit)
         if self.method == "base":
             options.max_steps = 0  # trains nothing
-        options.routing_eval_steps = sorted(set(self.routing_eval_steps))
+        options.routing_eval_steps = sorted(set(options.routing_eval_steps))
         return options
 
     def training_only_given(self) -> list[str]:
@@ -464,7 +464,8 @@ def build_trainer(options: TrainOptions, model, tokenizer, train_rows: Dataset, 
     ) | JOB_TRAINER_SETTINGS | options.extra
     dataset = to_sft_dataset(train_rows).remove_columns(["task"]).shuffle(seed=options.seed)
     peft_config = adapter_config(options, model)
-    if options.method == "lora":
+    if options.method == "lora":  # CoMoE's trainer settings (a preset's; given ones are refused) have no experts
+        settings = {name: value for name, value in settings.items() if not name.startswith("comoe_")}
         return SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config)
     settings["comoe_router_lr_multiplier"] = options.router_lr_multiplier

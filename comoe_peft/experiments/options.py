@@ -15,6 +15,9 @@ models, which it refuses otherwise), so CoMoE's balance and z-loss weights are s
 (`per_device_train_batch_size`), `--rank` (`r`), `--router-lr-multiplier` (`comoe_router_lr_multiplier`) and
 `--no-bf16` (`--bf16 false`).
 
+A run's value of an option is, highest first: the flag, the `--config` file, the chosen preset, the default preset,
+the job's default (`JOB_DEFAULTS`, else the library's). A preset sets any option but `NOT_IN_PRESETS`.
+
 `TrainOptions` (`comoe_peft.experiments.jobs`), the job's programmatic form, keeps short names for the options it
 has always had (`TRAINER_NAMES`, `ADAPTER_NAMES`); every other trainer or adapter field travels in its `extra` or
 `adapter_extra` dict under the library's name. This module imports neither torch nor TRL at import time.
@@ -22,6 +25,7 @@ has always had (`TRAINER_NAMES`, `ADAPTER_NAMES`); every other trainer or adapte
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from dataclasses import dataclass, field
@@ -98,13 +102,33 @@ ADAPTER_FIELD_TYPES: dict[str, Any] = {
     "anchor": Literal["random", "all"],
     "contrastive_layers": list[int] | None,
 }
-# where the job's defaults differ from CoMoEConfig's
-ADAPTER_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": None, "lora_dropout": 0.05,
-                                    "target_modules": TARGET_MODULES}
+# the job's defaults of the options `TrainOptions` holds, where the default preset leaves them out, under the
+# command's names: the lowest layer of `preset_values` (where the job differs from CoMoEConfig: r, lora_alpha (None
+# means 2 r), lora_dropout and target_modules; from TRL's SFTConfig: seed)
+JOB_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "r": 16,
+    "lora_alpha": None,
+    "lora_dropout": 0.05,
+    "num_experts": 4,
+    "top_k": 2,
+    "contrastive_loss_coef": 0.01,
+    "contrastive_temperature": 0.1,
+    "target_modules": TARGET_MODULES,
+    "comoe_router_lr_multiplier": 1.0,
+    "padding_free": False,
+    "routing_eval_steps": [],
+    "routing_probe_per_task": 8,
+}
+# the options a preset leaves to the user: where the run goes, what it trains on, which method, which base model
+NOT_IN_PRESETS = ("output_dir", "overwrite", "preset", "method", "tasks", "dataset", "model", "cache_dir",
+                  "load_in_4bit", "load_in_8bit")
 ADAPTER_HELP = {
     "r": "Rank of every LoRA expert (LoRA's rank is matched to N experts of this rank).",
     "lora_alpha": "LoRA scaling numerator: expert outputs are scaled by lora_alpha / r (default: 2 r).",
     "contrastive_loss_coef": "Weight lambda of the contrastive loss (comoe only; moe is comoe with 0).",
+    "target_modules": ("Module names (suffix match) or a regex (full match) to adapt, or 'all-linear'; a "
+                       "transformer's MLP block (mlp) gets block experts, and LoRA on the projections inside it."),
 }
 
 
@@ -127,7 +151,8 @@ class ScriptArguments:
     preset: str = field(default="default", metadata={"help": (
         "A preset shipped with comoe-peft (comoe_peft/experiments/presets/NAME.yaml): quick = a smoke run (52 s of "
         "training on a 2-core CPU), default = 100 steps (14 minutes of training, 16 with eval and analyze, same "
-        "CPU). --config and flags override it.")})
+        "CPU), mixlora = MixLoRA's layout at default's size (8 experts, top-2, on q/k/v/o and on the MLP blocks; "
+        "r 16, alpha 32, balance loss 0.001, learning rate 2e-4). --config and flags override it.")})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing run folder."})
     cache_dir: str | None = field(default=None, metadata={
         "help": "Where the model and task files are cached (default ~/.cache/comoe_peft)."})
@@ -140,18 +165,18 @@ class ScriptArguments:
         "help": "QLoRA: load the base model in 4-bit nf4 with bitsandbytes (pip install bitsandbytes)."})
     load_in_8bit: bool = field(default=False, metadata={
         "help": "Load the base model in 8-bit (LLM.int8()) with bitsandbytes."})
-    routing_eval_steps: list[int] = field(default_factory=list, metadata={"help": (
+    routing_eval_steps: list[int] | None = field(default=None, metadata={"help": (
         "comoe / moe: after these steps, measure routing entropy and the JS divergence between tasks on a few "
         "held-out examples per task (RUN/routing_history.json).")})
-    routing_probe_per_task: int = field(default=8, metadata={
+    routing_probe_per_task: int | None = field(default=None, metadata={
         "help": "Held-out examples per task that --routing-eval-steps measures on."})
 
 
 @functools.cache
 def adapter_arguments() -> type:
     """The dataclass of the adapter options: the `ADAPTER_FIELD_TYPES` fields of `CoMoEConfig`, with its help and
-    defaults, except the job's own defaults (`ADAPTER_DEFAULTS`: r 16, lora_alpha 2 r, dropout 0.05, the
-    attention projections)."""
+    defaults, except the job's own defaults (`JOB_DEFAULTS`: r 16, lora_alpha 2 r, dropout 0.05, the attention
+    projections)."""
     from comoe_peft.tuner.config import CoMoEConfig
 
     source = {f.name: f for f in dataclasses.fields(CoMoEConfig)}
@@ -159,10 +184,7 @@ def adapter_arguments() -> type:
     for name, kind in ADAPTER_FIELD_TYPES.items():
         help_text = ADAPTER_HELP.get(name, source[name].metadata.get("help", "")).replace("%", "%%")
         metadata: dict[str, Any] = {"help": help_text} | ({"aliases": ["--rank"]} if name == "r" else {})
-        if name in ADAPTER_DEFAULTS:
-            default = ADAPTER_DEFAULTS[name]
-        else:
-            default = source[name].default
+        default = JOB_DEFAULTS.get(name, source[name].default)
         if isinstance(default, list):
             spec = field(default_factory=lambda value=tuple(default): list(value), metadata=metadata)
         else:
@@ -201,11 +223,21 @@ def read_yaml_options(path: str | Path) -> dict[str, Any]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """The options of the shipped preset `name`, under the command's names (`per_device_train_batch_size`, ...)."""
+    """The options the shipped preset `name` sets, under the command's names (`per_device_train_batch_size`, ...);
+    `preset_values` adds what it leaves to the default preset and the job."""
     if name not in preset_names():
         raise ValueError(f"--preset must be one of {', '.join(preset_names())} (got {name!r}); pass your own "
                          "settings with --config FILE.yaml instead")
-    return read_yaml_options(PRESET_DIR / f"{name}.yaml")
+    values = read_yaml_options(PRESET_DIR / f"{name}.yaml")
+    return {str(key).replace("-", "_"): value for key, value in values.items()}
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """Every value the shipped preset `name` gives a run, under the command's names: the job's defaults
+    (`JOB_DEFAULTS`), the default preset over them, the preset over both; None (not set) left out. ValueError for
+    an unknown name."""
+    values = copy.deepcopy(JOB_DEFAULTS) | load_preset("default") | load_preset(name)
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def train_options_kwargs(values: dict[str, Any]) -> dict[str, Any]:

@@ -175,7 +175,7 @@ def check_method(values: Mapping[str, Any], method: str, given: Collection[str])
             raise RunError(f"--routing-eval-steps needs experts to route to; --method {method} has none")
         if values.get("comoe_router_lr_multiplier", 1) != 1:
             raise RunError(f"--router-lr-multiplier is for comoe / moe (routers); --method {method} has none")
-        lora_lacks = sorted(flag(n) for n in given if n in ADAPTER_FIELD_TYPES and n in CO_MOE_ONLY)
+        lora_lacks = sorted(flag(n) for n in given if n in CO_MOE_ONLY or n.startswith("comoe_"))
         if lora_lacks:
             raise RunError(f"{', '.join(lora_lacks)}: options of the experts; --method {method} has none (drop "
                            "them)")
