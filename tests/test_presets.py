@@ -136,7 +136,7 @@ def test_the_mixlora_preset_is_mixloras_layout_at_the_default_presets_size():
     assert by_flags == jobs.TrainOptions(output_dir="x", preset="mixlora").resolved()  # the Python API alike
     assert (by_flags.num_experts, by_flags.top_k, by_flags.rank, by_flags.lora_dropout) == (8, 2, 16, 0.05)
     assert by_flags.target_modules == MIXLORA_TARGETS and by_flags.learning_rate == 2e-4
-    assert by_flags.adapter_extra == {"lora_alpha": 32} and by_flags.extra == {"comoe_router_aux_loss_coef": 0.001}
+    assert by_flags.adapter_extra == {} and by_flags.extra == {"comoe_router_aux_loss_coef": 0.001}  # alpha: 2 r
     default = jobs.PRESETS["default"]
     assert [getattr(by_flags, name) for name in RUN_SIZE] == [default[name] for name in RUN_SIZE]
     assert jobs.PRESETS["mixlora"]["num_experts"] == 8
@@ -151,6 +151,8 @@ def test_the_mixlora_preset_builds_block_experts_beside_attention_experts():
     options = jobs.TrainOptions(output_dir="x", preset="mixlora").resolved()
     config = jobs.adapter_config(options, tiny_llama())
     assert config.lora_alpha == 32 and config.target_modules == set(MIXLORA_TARGETS) and config.num_experts == 8
+    lora = jobs.adapter_config(dataclasses.replace(options, method="lora"), tiny_llama())
+    assert lora.lora_alpha == 2 * lora.r and lora.r > options.rank  # the LoRA baseline keeps 2 r at its matched rank
     model = get_peft_model(tiny_llama(), config)
     assert sum(isinstance(m, Block) for m in model.modules()) == 2  # one per layer of the tiny Llama
 
