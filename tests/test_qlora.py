@@ -351,6 +351,21 @@ def test_4bit_weights_stay_exactly_as_loaded_through_eval_and_train_cycles(model
     assert all(m.support_avx512bf16_for_cpu for m in layers)  # bitsandbytes' choice given back with the model
 
 
+def test_dora_magnitudes_are_read_from_a_repacked_base_once_it_is_unpacked(model_dir, avx512_bf16):
+    """A base that bitsandbytes repacked (evaluated before the adapter was added) is converted back before the
+    layers are built: DoRA magnitudes read the weights (dequantized), so every scale starts at exactly 1."""
+    from comoe_peft.tuner.dora import expert_scales
+
+    base = load(model_dir, "nf4-fp32")
+    logits(base, batch(vocab=320))  # eval mode: bitsandbytes repacks
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in base.modules() if isinstance(m, bnb.nn.Linear4bit))
+    config = CoMoEConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj"], use_dora=True)
+    with pytest.warns(UserWarning, match="already repacked"):
+        model = get_peft_model(base, config)
+    scale = expert_scales(model.base_model.model.model.layers[0].self_attn.q_proj, "default")
+    assert torch.equal(scale, torch.ones_like(scale))
+
+
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single_quant", "double_quant"])
 def test_a_base_repacked_before_the_adapter_is_added_is_unpacked_with_a_warning(model_dir, avx512_bf16,
                                                                                  double_quant):
