@@ -351,6 +351,26 @@ def test_4bit_weights_stay_exactly_as_loaded_through_eval_and_train_cycles(model
     assert all(m.support_avx512bf16_for_cpu for m in layers)  # bitsandbytes' choice given back with the model
 
 
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-bf16", "int8"])
+def test_dora_experts_on_a_quantized_base_start_as_it_and_train(model_dir, quant):
+    """DoRA experts read the dequantized weights: every scale starts at exactly 1 (also where the magnitudes were
+    set in a 4-bit layer's bf16 compute dtype and peft cast them to float32 since), so the model starts as the
+    quantized base, and it trains (an 8-bit layer keeps its row scales through the dequantizations)."""
+    from comoe_peft.tuner.dora import expert_scales
+
+    model = get_peft_model(load(model_dir, quant), comoe_config(init_weights=True, use_dora=True))
+    inputs = batch(vocab=320)
+    scales = [expert_scales(m, "default") for m in model.modules() if isinstance(m, comoe_bnb._QuantizedLinear)]
+    assert len(scales) == 2 * len(TARGETS)
+    for scale in scales:
+        assert torch.equal(scale, torch.ones_like(scale))
+    with model.disable_adapter():
+        expected = logits(model, inputs)
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+    assert all(torch.isfinite(torch.tensor(train_steps(model, inputs))))
+    assert torch.isfinite(logits(model, inputs)).all()
+
+
 def test_dora_magnitudes_are_read_from_a_repacked_base_once_it_is_unpacked(model_dir, avx512_bf16):
     """A base that bitsandbytes repacked (evaluated before the adapter was added) is converted back before the
     layers are built: DoRA magnitudes read the weights (dequantized), so every scale starts at exactly 1."""
