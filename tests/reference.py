@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
 
 from comoe_peft.tuner.losses import CONTRASTIVE_EPS, NORM_EPS
 
@@ -103,31 +104,65 @@ def contrastive_loss_of_outputs_literal(outputs, indices, temperature, token_mas
 
 
 def block_expert_matrices(block, adapter_name: str = "default"):
-    """Split a `Block`'s stacked weights into, per expert j, [(A_p, B_p) for each input projection p] and the
-    output projection's (A_out, B_out); plus the router."""
+    """Split a `Block`'s stacked weights into, per expert j, [(A_p, B_p, m_p) for each input projection p] and the
+    output projection's (A_out, B_out, m_out), m the DoRA magnitude (None for LoRA experts); plus the router."""
     r = block.r[adapter_name]
     n = len(block.layout.inputs)
     num_experts = block.comoe_router[adapter_name].shape[0]
     down, up = block.comoe_A[adapter_name], block.comoe_B[adapter_name]
     down_out, up_out = block.comoe_A_out[adapter_name], block.comoe_B_out[adapter_name]
+    dora = adapter_name in block.comoe_magnitude
     experts = []
     for j in range(num_experts):
-        inputs = [(down[(p * num_experts + j) * r:(p * num_experts + j + 1) * r], up[p][:, j * r:(j + 1) * r])
-                  for p in range(n)]
-        experts.append((inputs, (down_out[j * r:(j + 1) * r], up_out[:, j * r:(j + 1) * r])))
+        inputs = [(down[(p * num_experts + j) * r:(p * num_experts + j + 1) * r], up[p][:, j * r:(j + 1) * r],
+                   block.comoe_magnitude[adapter_name][p, j] if dora else None) for p in range(n)]
+        output = (down_out[j * r:(j + 1) * r], up_out[:, j * r:(j + 1) * r],
+                  block.comoe_magnitude_out[adapter_name][j] if dora else None)
+        experts.append((inputs, output))
     return experts, block.comoe_router[adapter_name]
 
 
+def dense_weight(module):
+    """A frozen projection's weight as (d_out, d_in): Conv1D's transposed, a bitsandbytes one dequantized (4-bit by
+    its quantization state; 8-bit: int8 rows times their scales / 127)."""
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    weight = module.weight
+    if weight.dtype.is_floating_point:
+        return weight
+    if weight.dtype == torch.int8:
+        scales = module.state.SCB if module.state.SCB is not None else weight.SCB  # (d_out,)
+        return weight.data.float() * scales.float().unsqueeze(1) / 127
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(weight.data, weight.quant_state)
+
+
+def dora_projection(module, z, a, b, magnitude, scaling):
+    """A literal DoRA copy of a frozen projection applied to z: weight m * (W + s B A) / ||W + s B A|| (row norms,
+    detached), formed explicitly, and the projection's own bias, unscaled."""
+    direction = dense_weight(module).to(z.dtype) + scaling * (b @ a).to(z.dtype)  # (d_out, d_in)
+    weight = (magnitude / direction.norm(dim=1).detach()).unsqueeze(1).to(z.dtype) * direction
+    return F.linear(z, weight, getattr(module, "bias", None))
+
+
+def adapted_projection(module, z, a, b, magnitude, scaling):
+    """A frozen projection with one expert's LoRA (magnitude None) or DoRA update, applied to z."""
+    if magnitude is None:
+        return module(z) + scaling * (z @ a.t()) @ b.t()
+    return dora_projection(module, z, a, b, magnitude, scaling)
+
+
 def block_expert_output(block, tokens, expert, scaling):
-    """One expert's whole block, literally: the frozen MLP with LoRA on each projection (T, d)."""
+    """One expert's whole block, literally: the frozen MLP with LoRA (or DoRA) on each projection (T, d)."""
     mlp = block.get_base_layer()
     layout = block.layout
-    inputs, (a_out, b_out) = expert
-    pre = [getattr(mlp, name)(tokens) + scaling * (tokens @ a.t()) @ b.t()
-           for name, (a, b) in zip(layout.inputs, inputs)]
+    inputs, (a_out, b_out, m_out) = expert
+    pre = [adapted_projection(getattr(mlp, name), tokens, a, b, m, scaling)
+           for name, (a, b, m) in zip(layout.inputs, inputs)]
     act = getattr(mlp, layout.activation)
     hidden = act(pre[0]) * pre[1] if layout.gated else act(pre[0])
-    out = getattr(mlp, layout.output)(hidden) + scaling * (hidden @ a_out.t()) @ b_out.t()
+    out = adapted_projection(getattr(mlp, layout.output), hidden, a_out, b_out, m_out, scaling)
     return getattr(mlp, layout.dropout)(out) if layout.dropout else out
 
 
@@ -172,6 +207,8 @@ __all__ = [
     "block_expert_representations",
     "block_moe_loop",
     "contrastive_loss_literal",
+    "dense_weight",
+    "dora_projection",
     "contrastive_loss_of_outputs_literal",
     "dora_expert_weights",
     "dora_moe_loop",

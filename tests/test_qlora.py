@@ -351,6 +351,44 @@ def test_4bit_weights_stay_exactly_as_loaded_through_eval_and_train_cycles(model
     assert all(m.support_avx512bf16_for_cpu for m in layers)  # bitsandbytes' choice given back with the model
 
 
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-bf16", "int8"])
+def test_dora_experts_on_a_quantized_base_start_as_it_and_train(model_dir, quant):
+    """DoRA experts read the dequantized weights: every scale starts at exactly 1 (also where the magnitudes were
+    set in a 4-bit layer's bf16 compute dtype and peft cast them to float32 since), so the model starts as the
+    quantized base, and it trains (an 8-bit layer keeps its row scales through the dequantizations)."""
+    from comoe_peft.tuner.dora import expert_scales
+
+    model = get_peft_model(load(model_dir, quant), comoe_config(init_weights=True, use_dora=True))
+    inputs = batch(vocab=320)
+    scales = [expert_scales(m, "default") for m in model.modules() if isinstance(m, comoe_bnb._QuantizedLinear)]
+    assert len(scales) == 2 * len(TARGETS)
+    for scale in scales:
+        assert torch.equal(scale, torch.ones_like(scale))
+    with model.disable_adapter():
+        expected = logits(model, inputs)
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
+    assert all(torch.isfinite(torch.tensor(train_steps(model, inputs))))
+    assert torch.isfinite(logits(model, inputs)).all()
+
+
+def test_dora_magnitudes_are_read_from_a_repacked_base_once_it_is_unpacked(model_dir, avx512_bf16):
+    """A base that bitsandbytes repacked (evaluated before the adapter was added) is converted back before the
+    layers are built: DoRA magnitudes read the weights (dequantized), so every scale starts at exactly 1."""
+    from comoe_peft.tuner.block_dora import block_scales
+    from comoe_peft.tuner.dora import expert_scales
+
+    base = load(model_dir, "nf4-fp32")
+    logits(base, batch(vocab=320))  # eval mode: bitsandbytes repacks
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in base.modules() if isinstance(m, bnb.nn.Linear4bit))
+    config = CoMoEConfig(r=4, num_experts=4, top_k=2, target_modules=["q_proj", "mlp"], use_dora=True)
+    with pytest.warns(UserWarning, match="already repacked"):
+        model = get_peft_model(base, config)
+    layer = model.base_model.model.model.layers[0]
+    scales = [expert_scales(layer.self_attn.q_proj, "default"), *vars(block_scales(layer.mlp, "default")).values()]
+    for scale in scales:
+        assert torch.equal(scale, torch.ones_like(scale))
+
+
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single_quant", "double_quant"])
 def test_a_base_repacked_before_the_adapter_is_added_is_unpacked_with_a_warning(model_dir, avx512_bf16,
                                                                                  double_quant):
@@ -466,22 +504,32 @@ def test_cuda_quantized_base_trains_and_round_trips(model_dir, tmp_path, quant):
 
 
 @pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-bf16", "int8"])
-def test_block_experts_on_a_quantized_mlp_equal_the_loop_and_train(model_dir, quant):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_block_experts_on_a_quantized_mlp_equal_the_loop_and_train(model_dir, quant, use_dora):
     """Block experts (`target_modules=["mlp"]`) on 4-bit and 8-bit projections: the adapter starts as the
-    quantized model, the block equals the loop reference with the same quantized projections, and a training step
-    gives every adapter parameter a finite gradient."""
+    quantized model, the block equals the loop reference with the same quantized projections (DoRA experts: with
+    their weights formed from the dequantized ones), and a training step gives every adapter parameter a finite
+    gradient."""
     from comoe_peft.tuner.block import Block
+    from comoe_peft.tuner.block_dora import block_scales
 
     base = load(model_dir, quant)
     batch = token_batch(vocab=base.config.vocab_size)
     with torch.no_grad():
         expected = base(**batch).logits
-    model = get_peft_model(base, CoMoEConfig(target_modules=["mlp"], r=4, num_experts=4, top_k=2)).eval()
+    config = CoMoEConfig(target_modules=["mlp"], r=4, num_experts=4, top_k=2, use_dora=use_dora)
+    model = get_peft_model(base, config).eval()
     with torch.no_grad():  # the gated mix of k equal activations: the quantized block up to rounding
         torch.testing.assert_close(model(**batch).logits, expected, atol=2e-2, rtol=2e-2)
     block = model.base_model.model.model.layers[0].mlp
     assert isinstance(block, Block) and isinstance(block.get_base_layer().down_proj, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
     with torch.no_grad():
+        if use_dora:  # the norms of the dequantized weights: every scale exactly 1 at initialisation
+            scales = block_scales(block, "default")
+            assert torch.equal(scales.inputs, torch.ones_like(scales.inputs))
+            assert torch.equal(scales.output, torch.ones_like(scales.output))
+            for magnitude in (block.comoe_magnitude["default"], block.comoe_magnitude_out["default"]):
+                magnitude.mul_(1 + 0.3 * torch.randn_like(magnitude))
         for up in (block.comoe_B["default"], block.comoe_B_out["default"]):
             up.normal_(std=0.1)
         x = torch.randn(2, 5, block.in_features)
@@ -492,5 +540,6 @@ def test_block_experts_on_a_quantized_mlp_equal_the_loop_and_train(model_dir, qu
     model.train()
     out = model(**batch, labels=batch["input_ids"])
     (out.loss + model.base_model.get_aux_loss()).backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert any("comoe_magnitude_out" in n for n in grads) == use_dora

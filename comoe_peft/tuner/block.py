@@ -24,6 +24,10 @@ The contrastive term (training only) contrasts each token's activated experts wi
 j is represented by what it changes in the block's output, o_j = E_j(x) - MLP(x) = W_d (h_j - h_0) + s B_d A_d h_j:
 for a per-linear expert this is exactly B_j A_j x, the representation the per-linear layer contrasts. No Gram trick
 passes the nonlinearity, so the k + m representations are materialised ((T, k + m, d); k + m frozen down GEMMs).
+
+With DoRA experts (`use_dora`, MixDoRA, see `block_dora.py`) every projection's output rows are rescaled per expert:
+gate and up keep their shared frozen products, while the down projection's scale differs per expert, so it runs on
+each active slot (k rows per token in one GEMM) instead of once on the gated mix.
 """
 
 from __future__ import annotations
@@ -36,6 +40,16 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .block_dora import (
+    BlockScales,
+    FrozenDown,
+    block_scales,
+    rescale_pre_activation,
+    reset_block_magnitudes,
+    routed_output,
+    scaled_change,
+)
+from .dora import scale_columns
 from .fused_down import router_dtype
 from .layer import CoMoELayer, ExpertSettings, _as_dtype, routing_stats
 from .losses import (
@@ -121,9 +135,15 @@ class Block(nn.Module, CoMoELayer):
         comoe_A_out  (N*r, f)     the output projection's down-projections
         comoe_B_out  (d, N*r)     its up-projections
         comoe_router (N, d)       the block's router, bias-free
+
+    and with DoRA experts (`use_dora`, see `block_dora.py`) the magnitudes, one per projection and expert:
+
+        comoe_magnitude      (n, N, f)  the input projections' m_p,j
+        comoe_magnitude_out  (N, d)     the output projection's m_d,j
     """
 
-    adapter_layer_names: tuple[str, ...] = ("comoe_A", "comoe_B", "comoe_A_out", "comoe_B_out", "comoe_router")
+    adapter_layer_names: tuple[str, ...] = ("comoe_A", "comoe_B", "comoe_A_out", "comoe_B_out", "comoe_router",
+                                            "comoe_magnitude", "comoe_magnitude_out")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **layer_args: Any) -> None:
         """`layer_args` are `update_layer`'s (r, lora_alpha, lora_dropout, settings, ...), as for `layer.Linear`."""
@@ -135,6 +155,7 @@ class Block(nn.Module, CoMoELayer):
         CoMoELayer.__init__(self, base_layer)
         self.comoe_A_out = nn.ParameterDict({})
         self.comoe_B_out = nn.ParameterDict({})
+        self.comoe_magnitude_out = nn.ParameterDict({})  # (N, d): DoRA experts only; comoe_magnitude is (n, N, f)
         self.hidden_features = projection_features(getattr(base_layer, layout.inputs[0]))[1]
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **layer_args)
@@ -160,10 +181,8 @@ class Block(nn.Module, CoMoELayer):
         use_dora: bool = False,
         use_rslora: bool = False,
     ) -> None:
-        """Create (or replace) the block experts and router of `adapter_name`."""
-        if use_dora:
-            raise ValueError("CoMoEConfig.use_dora is not supported for FFN-block experts yet (target_modules "
-                             "names an MLP block); use LoRA experts there, or target the projections inside it")
+        """Create (or replace) the block experts and router of `adapter_name`; `use_dora` gives every expert a
+        magnitude vector per projection (DoRA experts, `block_dora.py`)."""
         num_experts, inputs = settings.num_experts, len(self.layout.inputs)
         self._store_adapter_settings(adapter_name, r, lora_alpha, lora_dropout, settings, use_rslora)
         f = self.hidden_features
@@ -172,8 +191,17 @@ class Block(nn.Module, CoMoELayer):
         self.comoe_A_out[adapter_name] = nn.Parameter(torch.empty(num_experts * r, f))
         self.comoe_B_out[adapter_name] = nn.Parameter(torch.empty(self.out_features, num_experts * r))
         self.comoe_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
+        if use_dora:
+            self.comoe_magnitude[adapter_name] = nn.Parameter(torch.empty(inputs, num_experts, f))
+            self.comoe_magnitude_out[adapter_name] = nn.Parameter(torch.empty(num_experts, self.out_features))
+        else:  # the adapter is (re-)created without DoRA
+            for magnitudes in (self.comoe_magnitude, self.comoe_magnitude_out):
+                if adapter_name in magnitudes:
+                    del magnitudes[adapter_name]
         self.reset_parameters(adapter_name, init_weights, router_init_std)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        if use_dora:  # after the move, as for the per-linear layer: every c starts at exactly 1
+            reset_block_magnitudes(self, adapter_name)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
@@ -225,28 +253,34 @@ class Block(nn.Module, CoMoELayer):
 
     def _forward_adapters(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """(T, d) output of the block with the given adapters' experts. One adapter: the frozen down-projection reads
-        its gated mix of hidden activations; several: each adds its mix's difference from h_0."""
+        its gated mix of hidden activations (LoRA experts) or each active slot's (DoRA experts); several: each adds
+        its difference from the frozen block."""
         base = self.get_base_layer()
         tokens = x.reshape(-1, self.in_features)  # (T, d)
         frozen_in = [getattr(base, name)(tokens) for name in self.layout.inputs]  # each (T, f)
         frozen_hidden = self._hidden(frozen_in) if self._needs_frozen_hidden(adapters) else None  # h_0: (T, f)
-        hidden, lora_out = None, None
-        for adapter_name in adapters:
-            mix, lora = self._expert_mix(x, tokens, frozen_in, frozen_hidden, adapter_name)
-            if len(adapters) > 1:
-                mix = mix - frozen_hidden if hidden is not None else mix
-            hidden = mix if hidden is None else hidden + mix.to(hidden.dtype)
-            lora_out = lora if lora_out is None else lora_out + lora
+        hidden, added = None, None
+        for position, adapter_name in enumerate(adapters):
+            mix, extra = self._expert_mix(x, tokens, frozen_in, frozen_hidden, adapter_name)
+            if position > 0:  # a further adapter adds E_a(x) - MLP(x): its h_0 share leaves the mix
+                mix = -frozen_hidden if mix is None else mix - frozen_hidden
+            if mix is not None:
+                hidden = mix if hidden is None else hidden + mix.to(hidden.dtype)
+            added = extra if added is None else added + extra
         out_proj = getattr(base, self.layout.output)
-        y = out_proj(hidden.to(tokens.dtype))  # (T, d): the frozen down-projection, once
-        y = y + lora_out.to(y.dtype)
+        if hidden is not None:
+            y = out_proj(hidden.to(tokens.dtype))  # (T, d): the frozen down-projection on the mix, once
+            y = y + added.to(y.dtype)
+        else:  # one adapter of DoRA experts: its output already holds the frozen down-projections
+            bias = getattr(out_proj, "bias", None)
+            y = added + bias.to(added.dtype) if isinstance(bias, torch.Tensor) else added
         if self.layout.dropout is not None:
             y = getattr(base, self.layout.dropout)(y)
         return y
 
     def _needs_frozen_hidden(self, adapters: list[str]) -> bool:
         """h_0 = act(G) * U is needed for top-1 gates (not summing to 1), several adapters, or the contrastive
-        representations; the lean path with k >= 2 never builds it."""
+        representations; the lean path with k >= 2 never builds it (LoRA or DoRA experts)."""
         if len(adapters) > 1:
             return True
         settings = self.comoe_settings[adapters[0]]
@@ -281,12 +315,17 @@ class Block(nn.Module, CoMoELayer):
         frozen_in: list[torch.Tensor],
         frozen_hidden: torch.Tensor | None,
         adapter_name: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One adapter's gated mix of hidden activations, sum_s w_s h_s (+ (1 - w) h_0 for top-1 gates) (T, f), and
-        its output-projection LoRA term (T, d); records losses and statistics while training (or in `recording()`)."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One adapter's part of the block's output, for `_forward_adapters` to combine; records losses and statistics
+        while training (or in `recording()`).
+
+        LoRA experts: the gated mix of hidden activations, sum_s w_s h_s (+ (1 - w) h_0 for top-1 gates) (T, f), and
+        the output-projection LoRA term (T, d). DoRA experts: None and the whole output without the bias (T, d), the
+        down-projection's scales being per expert (`block_dora.routed_output`)."""
         settings = self.comoe_settings[adapter_name]
         num_experts, k, r, scaling = settings.num_experts, settings.top_k, self.r[adapter_name], self.scaling[adapter_name]
         down = self.comoe_A[adapter_name]
+        scales = block_scales(self, adapter_name) if adapter_name in self.comoe_magnitude else None  # DoRA: the c
         logits, probs, topk_idx, gates = self._route(tokens, adapter_name)
         record = self.training or self.forward_context.record_in_eval
         indices = None
@@ -298,21 +337,46 @@ class Block(nn.Module, CoMoELayer):
         dropout = self.comoe_dropout[adapter_name]
         experts_x = dropout(_as_dtype(tokens, down.dtype))  # (T, d)
         rank_acts = (experts_x @ down.t()).view(tokens.shape[0], len(self.layout.inputs), num_experts, r)
-        pre = self._chosen_pre_activations(rank_acts, frozen_in, chosen, adapter_name)  # each (T, S, f)
+        pre = self._chosen_pre_activations(rank_acts, frozen_in, chosen, adapter_name, scales)  # each (T, S, f)
         hidden = self._hidden(pre)  # (T, S, f): the chosen experts' hidden activations
         weights = gates.unsqueeze(-1).to(hidden.dtype)  # (T, k, 1)
         gated = hidden[:, :k] * weights  # (T, k, f): w_s h_s
-        mix = gated.sum(dim=1)  # (T, f)
-        if k == 1:  # y = MLP(x) + p (E(x) - MLP(x))
-            mix = mix + (1.0 - weights[:, 0]) * frozen_hidden
         own_rank = self._own_output_rank_acts(dropout(gated), topk_idx, adapter_name)  # (T, k, N*r)
-        lora = own_rank.sum(dim=1) @ self.comoe_B_out[adapter_name].t() * scaling  # (T, d)
+        frozen_down = None
+        if scales is None:
+            mix = gated.sum(dim=1)  # (T, f)
+            if k == 1:  # y = MLP(x) + p (E(x) - MLP(x))
+                mix = mix + (1.0 - weights[:, 0]) * frozen_hidden
+            extra = own_rank.sum(dim=1) @ self.comoe_B_out[adapter_name].t() * scaling  # (T, d)
+        else:  # DoRA experts: k frozen down-projections, then each slot's own row scale
+            mix = None
+            frozen_down = self._frozen_down(hidden, frozen_hidden, tokens.dtype)
+            up_out = scale_columns(self.comoe_B_out[adapter_name], scales.output)  # (d, N*r): [c_1 B_1 ... c_N B_N]
+            lora = own_rank.sum(dim=1) @ up_out.t() * scaling  # (T, d)
+            frozen_part = routed_output(frozen_down, gates, topk_idx, scales.output)  # (T, d)
+            extra = frozen_part + lora.to(frozen_part.dtype)
 
         if record:
-            self._record(adapter_name, settings, x, logits, probs, topk_idx, indices, hidden, frozen_hidden, chosen)
+            self._record(adapter_name, settings, x, logits, probs, topk_idx, indices, hidden, frozen_hidden, chosen,
+                         scales, frozen_down)
         else:
             self.store_record(adapter_name, {}, None)
-        return mix, lora
+        return mix, extra
+
+    def _frozen_down(self, hidden: torch.Tensor, frozen_hidden: torch.Tensor | None, dtype: torch.dtype) -> FrozenDown:
+        """The frozen output projection of each slot, bias excluded, in one GEMM: W_d h_s (T, S, d) on the lean path
+        (no h_0), else W_d (h_s - h_0) and W_d h_0 (T, S + 1 rows per token). hidden: (T, S, f); h_0: (T, f)."""
+        out_proj = getattr(self.get_base_layer(), self.layout.output)
+        num_tokens, slots, f = hidden.shape
+        if frozen_hidden is None:
+            rows = hidden  # (T, S, f)
+        else:
+            h_0 = frozen_hidden.unsqueeze(1).to(hidden.dtype)  # (T, 1, f)
+            rows = torch.cat([hidden - h_0, h_0], dim=1)  # (T, S + 1, f)
+        out = _without_bias(out_proj, rows.reshape(-1, f).to(dtype)).view(num_tokens, rows.shape[1], -1)
+        if frozen_hidden is None:
+            return FrozenDown(slots=out, frozen=None)
+        return FrozenDown(slots=out[:, :slots], frozen=out[:, slots])  # (T, S, d), (T, d)
 
     @torch.no_grad()
     def expert_outputs(self, tokens: torch.Tensor, adapter_name: str) -> torch.Tensor:
@@ -323,15 +387,19 @@ class Block(nn.Module, CoMoELayer):
         frozen_hidden = self._hidden(frozen_in)  # (T, f)
         num_experts, r = self.comoe_settings[adapter_name].num_experts, self.r[adapter_name]
         down = self.comoe_A[adapter_name]
+        scales = block_scales(self, adapter_name) if adapter_name in self.comoe_magnitude else None
         rank_acts = (_as_dtype(tokens, down.dtype) @ down.t()).view(tokens.shape[0], len(self.layout.inputs),
                                                                      num_experts, r)
         every = torch.arange(num_experts, device=tokens.device).expand(tokens.shape[0], -1)  # (T, N)
-        pre = self._chosen_pre_activations(rank_acts, frozen_in, every, adapter_name)  # (T, N, f) each
-        return self._expert_representations(adapter_name, self._hidden(pre), frozen_hidden, every)
+        pre = self._chosen_pre_activations(rank_acts, frozen_in, every, adapter_name, scales)  # (T, N, f) each
+        hidden = self._hidden(pre)  # (T, N, f)
+        frozen_down = None if scales is None else self._frozen_down(hidden, frozen_hidden, tokens.dtype)
+        return self._expert_representations(adapter_name, hidden, frozen_hidden, every, scales, frozen_down)
 
     def _chosen_pre_activations(self, rank_acts: torch.Tensor, frozen_in: list[torch.Tensor], chosen: torch.Tensor,
-                                adapter_name: str) -> list[torch.Tensor]:
-        """Each input projection's output for the chosen experts, frozen part plus s B_p,e A_p,e x: (T, S, f) each.
+                                adapter_name: str, scales: BlockScales | None = None) -> list[torch.Tensor]:
+        """Each input projection's output for the chosen experts, frozen part plus s B_p,e A_p,e x (with DoRA
+        experts, its rows then scaled by c_p,e, the bias kept as is): (T, S, f) each.
 
         rank_acts: (T, n, N, r) every expert's rank-space activation; chosen: (T, S) expert indices. Each chosen
         slot keeps only its own expert's r activations (a one-hot mask), so one GEMM against the stacked B_p per
@@ -344,6 +412,10 @@ class Block(nn.Module, CoMoELayer):
             delta = own.reshape(-1, num_experts * r) @ self.comoe_B[adapter_name][p].t()  # (T*S, f)
             delta = delta.view(num_tokens, chosen.shape[1], -1) * self.scaling[adapter_name]  # (T, S, f)
             pre.append(frozen_in[p].unsqueeze(1) + delta.to(frozen_in[p].dtype))
+            if scales is not None:
+                bias = getattr(getattr(self.get_base_layer(), self.layout.inputs[p]), "bias", None)
+                bias = bias if isinstance(bias, torch.Tensor) else None
+                pre[p] = rescale_pre_activation(pre[p], bias, scales.inputs[p], chosen)
         return pre
 
     def _own_output_rank_acts(self, hidden: torch.Tensor, chosen: torch.Tensor, adapter_name: str) -> torch.Tensor:
@@ -358,15 +430,28 @@ class Block(nn.Module, CoMoELayer):
         return (every * mask).flatten(2)  # (T, S, N*r)
 
     def _expert_representations(
-        self, adapter_name: str, hidden: torch.Tensor, frozen_hidden: torch.Tensor, chosen: torch.Tensor
+        self,
+        adapter_name: str,
+        hidden: torch.Tensor,
+        frozen_hidden: torch.Tensor,
+        chosen: torch.Tensor,
+        scales: BlockScales | None = None,
+        frozen_down: FrozenDown | None = None,
     ) -> torch.Tensor:
-        """o_j = E_j(x) - MLP(x) = W_d (h_j - h_0) + s B_d,j A_d,j h_j for the chosen experts: (T, S, d)."""
+        """o_j = E_j(x) - MLP(x) = W_d (h_j - h_0) + s B_d,j A_d,j h_j for the chosen experts: (T, S, d). DoRA
+        experts: c_j * (W_d (h_j - h_0) + s B_d,j A_d,j h_j) + (c_j - 1) * W_d h_0, from the forward's
+        `frozen_down`."""
         num_tokens, num_chosen, f = hidden.shape
-        out_proj = getattr(self.get_base_layer(), self.layout.output)
-        difference = (hidden - frozen_hidden.unsqueeze(1)).reshape(-1, f)  # (T*S, f)
-        frozen_part = _without_bias(out_proj, difference.to(frozen_hidden.dtype)).view(num_tokens, num_chosen, -1)
+        up_out = self.comoe_B_out[adapter_name]  # (d, N*r)
+        if scales is None:
+            out_proj = getattr(self.get_base_layer(), self.layout.output)
+            difference = (hidden - frozen_hidden.unsqueeze(1)).reshape(-1, f)  # (T*S, f)
+            frozen_part = _without_bias(out_proj, difference.to(frozen_hidden.dtype)).view(num_tokens, num_chosen, -1)
+        else:
+            frozen_part = scaled_change(frozen_down, scales.output, chosen)  # (T, S, d)
+            up_out = scale_columns(up_out, scales.output)  # [c_1 B_1 ... c_N B_N]
         own_rank = self._own_output_rank_acts(hidden, chosen, adapter_name)  # (T, S, N*r)
-        lora_part = own_rank @ self.comoe_B_out[adapter_name].t() * self.scaling[adapter_name]  # (T, S, d)
+        lora_part = own_rank @ up_out.t() * self.scaling[adapter_name]  # (T, S, d)
         return frozen_part.to(lora_part.dtype) + lora_part
 
     def _record(
@@ -381,12 +466,15 @@ class Block(nn.Module, CoMoELayer):
         hidden: torch.Tensor,
         frozen_hidden: torch.Tensor,
         chosen: torch.Tensor,
+        scales: BlockScales | None = None,
+        frozen_down: FrozenDown | None = None,
     ) -> None:
         token_mask = self.forward_context.token_mask(x)
         losses = {"balance": load_balancing_loss(logits, settings.top_k, token_mask),
                   "z": router_z_loss(logits, token_mask)}
         if indices is not None:  # the representations in the forward's dtypes; the loss itself in float32
-            outputs = self._expert_representations(adapter_name, hidden, frozen_hidden, chosen)  # (T, k + M, d)
+            outputs = self._expert_representations(adapter_name, hidden, frozen_hidden, chosen, scales,
+                                                   frozen_down)  # (T, k + M, d)
             losses["contrastive"] = contrastive_loss_from_outputs(
                 outputs, indices, settings.contrastive_temperature, token_mask
             )

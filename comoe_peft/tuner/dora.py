@@ -49,7 +49,23 @@ def base_weight(base_layer: nn.Module) -> torch.Tensor:
     weight = getattr(base_layer, "weight", None)
     if type(weight) in (torch.Tensor, nn.Parameter) and not hasattr(base_layer, "W_q"):
         return weight  # a plain weight: nothing to dequantize (and no string checks for torch.compile to trace)
+    if type(weight).__name__ == "Int8Params":
+        return _int8_weight(base_layer)
     return dequantize_module_weight(base_layer)
+
+
+def _int8_weight(base_layer: nn.Module) -> torch.Tensor:
+    """A bitsandbytes 8-bit layer's weight, dequantized (d_out, d_in) float32 (unless it keeps float weights).
+
+    peft's `dequantize_module_weight` ends, on the CPU, by re-creating the layer's weight (`weight.to(device)`),
+    which leaves the layer without its row scales at its next forward; this reads weight and scales only."""
+    weight = base_layer.weight
+    if weight.dtype != torch.int8:
+        return weight  # has_fp16_weights: the layer keeps its float weight
+    from bitsandbytes.functional import int8_vectorwise_dequant
+
+    state_scales = base_layer.state.SCB  # set by the layer's first forward, which moves them off the weight
+    return int8_vectorwise_dequant(weight.data, state_scales if state_scales is not None else weight.SCB)
 
 
 @torch.no_grad()
@@ -111,7 +127,27 @@ def rounded_row_norms(layer: CoMoELayer, adapter_name: str) -> torch.Tensor:
     """
     norms = layer_row_norms(layer, adapter_name)  # (N, d_out) float32
     weight_dtype = base_weight(layer.get_base_layer()).dtype
-    return norms.to(weight_dtype).to(layer.comoe_magnitude[adapter_name].dtype).to(norms.dtype)
+    return round_norms(norms, (weight_dtype, adapter_dtype(layer), layer.comoe_magnitude[adapter_name].dtype))
+
+
+def adapter_dtype(layer: CoMoELayer) -> torch.dtype | None:
+    """The dtype peft gives a new adapter of `layer` (`_move_adapter_to_device_of_base_layer`), which the magnitudes
+    have when they are set: the base weight's, or a 4-bit layer's compute dtype; None where peft keeps the adapter's
+    own (an 8-bit layer's integer weight). peft may cast the adapter to float32 afterwards
+    (`autocast_adapter_dtype`)."""
+    _, dtype = layer._get_base_layer_device_and_dtype(layer.get_base_layer())
+    return dtype if dtype is not None and dtype.is_floating_point else None
+
+
+def round_norms(norms: torch.Tensor, dtypes: tuple[torch.dtype | None, ...]) -> torch.Tensor:
+    """Row norms rounded to each of `dtypes` in turn (None: skipped), returned in their own dtype: the frozen weight's,
+    the adapter's when the magnitudes were set (`adapter_dtype`) and the magnitudes' now. Both the magnitudes'
+    initialisation and the scales' division use this value, so c is exactly 1 at first, also when the magnitudes
+    were set in bf16 (a 4-bit layer computing in bf16) and cast to float32 since."""
+    rounded = norms
+    for dtype in dtypes:
+        rounded = rounded if dtype is None else rounded.to(dtype)
+    return rounded.to(norms.dtype)
 
 
 def expert_scales(layer: CoMoELayer, adapter_name: str) -> torch.Tensor:

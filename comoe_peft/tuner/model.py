@@ -44,9 +44,11 @@ class CoMoEModel(BaseTuner):
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         self.forward_context = ForwardContext()
+        # 4-bit weights stay as loaded (bnb.py); before the layers are built, whose DoRA magnitudes read the weights
+        repacking_flags = disable_cpu_inference_repacking(model)
         super().__init__(model, config, adapter_name, **kwargs)
         self._mask_hook = self.model.register_forward_pre_hook(self._capture_attention_mask, with_kwargs=True)
-        self._repacking_flags = disable_cpu_inference_repacking(self.model)  # 4-bit weights stay as loaded (bnb.py)
+        self._repacking_flags = repacking_flags
 
     # ------------------------------------------------------------------ injection
 
