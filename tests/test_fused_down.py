@@ -140,3 +140,26 @@ def test_bf16_autocast_keeps_the_adapter_dtype_and_backward_runs(shared_input):
     assert mixed[0].dtype == torch.float32 and torch.equal(mixed[0], plain[0])  # the Function chose the dtypes
     (mixed[0].square().sum() + mixed[2].sum()).backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, down, router))
+
+
+@pytest.mark.parametrize("used", ["logits", "gated+logits", "all"])
+def test_compiled_node_passes_every_output_gradient(used):
+    """Under torch.compile the node's gradients equal eager ones, whichever outputs the losses read. torch 2.11's
+    compile dropped the logits' gradient (the DoRA gates, the balance and z losses read them) while the forward also
+    read the logits; the node returns a copy since (the bug does not show on torch 2.13, CI's version)."""
+    torch.manual_seed(0)
+    num_experts, rank, d_in = 4, 2, 8
+    inputs = [torch.randn(10, d_in, requires_grad=True), torch.randn(num_experts * rank, d_in, requires_grad=True),
+              torch.randn(num_experts, d_in, requires_grad=True)]
+    weights = [torch.randn(10, num_experts * rank), torch.randn(10, num_experts * rank), torch.randn(10, num_experts)]
+    picked = {"logits": [2], "gated+logits": [0, 2], "all": [0, 1, 2]}[used]
+
+    def loss(x, down, router):
+        outputs = RoutedDownProjection.apply(x, None, down, router, num_experts, 2)[:3]  # gated, h, logits
+        return sum((outputs[i] * weights[i]).sum() for i in picked)
+
+    eager = torch.autograd.grad(loss(*inputs), inputs)
+    compiled = torch.autograd.grad(torch.compile(loss, backend="eager", fullgraph=True)(*inputs), inputs)
+    for name, a, b in zip(["x", "down", "router"], compiled, eager):
+        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"gradient of {n}: {m}")
+    assert eager[2].abs().sum() > 0  # the router's gradient is there to lose

@@ -98,7 +98,9 @@ class RoutedDownProjection(torch.autograd.Function):
         saved_router_input = None if shared else router_input
         ctx.save_for_backward(expert_input, saved_router_input, down, router, h, gates, probs if top_k == 1 else None)
         ctx.settings = (num_experts, rank, top_k, shared)
-        return gated.view(num_tokens, rank_total), h, logits, topk_idx, probs
+        # logits leave as a copy: torch 2.11's torch.compile dropped the gradient of an output that the forward had
+        # also read (route above), so compiled training lost the router's DoRA and aux-loss gradients; (T, N) is small
+        return gated.view(num_tokens, rank_total), h, logits.clone(), topk_idx, probs
 
     @staticmethod
     def backward(
