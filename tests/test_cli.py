@@ -112,6 +112,25 @@ def test_matched_lora_rank_counts_a_block_as_its_projections_with_one_router():
     assert lora_target_modules(model, ["q_proj", "mlp"]) == ["down_proj", "gate_proj", "q_proj", "up_proj"]
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_matched_lora_has_comoes_trainable_parameters_to_one_rank_step(use_dora):
+    """The matched rank's LoRA (DoRA with `use_dora`, as peft builds it) and CoMoE's experts, routers and magnitudes
+    (per-linear and block) differ by at most half of what one more LoRA rank adds."""
+    from peft import LoraConfig, get_peft_model
+
+    from comoe_peft import CoMoEConfig
+
+    targets = ["q_proj", "v_proj", "mlp"]
+    comoe = get_peft_model(tiny_llama(), CoMoEConfig(r=4, num_experts=4, top_k=2, target_modules=targets,
+                                                     use_dora=use_dora))
+    rank = matched_lora_rank(tiny_llama(), num_experts=4, rank=4, target_modules=targets, use_dora=use_dora)
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=rank, use_dora=use_dora,
+                                                   target_modules=lora_target_modules(tiny_llama(), targets)))
+    one_rank = 2 * (64 + 48 + 3 * (32 + 64))  # d_in + d_out of every adapted projection, 2 layers
+    trainable = [m.get_nb_trainable_parameters()[0] for m in (comoe, lora)]
+    assert abs(trainable[0] - trainable[1]) <= one_rank / 2, (trainable, rank)
+
+
 def test_block_experts_and_their_matched_lora_from_the_command(tmp_path, tiny_model_dir, examples_file):
     """`--target-modules mlp`: comoe trains block experts; lora goes on the projections inside the blocks."""
     assert quick(tiny_model_dir, examples_file, tmp_path / "comoe", "--target-modules", "q_proj", "mlp") == 0

@@ -236,7 +236,8 @@ def adapter_config(options: TrainOptions, model: torch.nn.Module):
             "contrastive_temperature": options.contrastive_temperature,
             "task_type": "CAUSAL_LM",
         } | {k: v for k, v in extra.items() if v is not None})
-    rank = matched_lora_rank(model, options.num_experts, options.rank, options.target_modules)
+    rank = matched_lora_rank(model, options.num_experts, options.rank, options.target_modules,
+                             use_dora=bool(extra.get("use_dora")))
     lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
     return LoraConfig(**{"r": rank, "lora_alpha": 2 * rank, "lora_dropout": options.lora_dropout,
                          "target_modules": lora_target_modules(model, options.target_modules),
@@ -287,24 +288,29 @@ def lora_target_modules(model: torch.nn.Module, target_modules: list[str]) -> li
 
 
 def matched_lora_rank(model: torch.nn.Module, num_experts: int, rank: int,
-                      target_modules: list[str] | None = None) -> int:
+                      target_modules: list[str] | None = None, use_dora: bool = False) -> int:
     """LoRA rank whose trainable parameters match CoMoE's N experts of rank r plus the routers on the targets
     (`target_modules`: module-name suffixes, default the attention projections; an MLP block counts its
-    projections, each with N experts, and one router at the block's input)."""
+    projections, each with N experts, and one router at the block's input). With `use_dora` both sides are DoRA:
+    CoMoE has N magnitude vectors per adapted projection (d_out each), LoRA one."""
     targets = list(target_modules or TARGET_MODULES)
-    in_out, ins = 0, 0
+    in_out, ins, outs = 0, 0, 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             in_out += module.in_features + module.out_features
             ins += module.in_features
+            outs += module.out_features
     for block, layout in _targeted_blocks(model, targets):
         features = [projection_features(getattr(block, part)) for part in (*layout.inputs, layout.output)]
         in_out += sum(d_in + d_out for d_in, d_out in features)
         ins += features[0][0]  # the block's router reads its input
+        outs += sum(d_out for _, d_out in features)
     if in_out == 0:
         raise RunError(f"--target-modules {' '.join(targets)} matches no linear layer of the model; "
                        f"{linear_layers_hint(model)}")
     comoe_params = num_experts * rank * in_out + num_experts * ins
+    if use_dora:
+        comoe_params += (num_experts - 1) * outs  # N magnitudes per projection against LoRA's one
     return max(1, round(comoe_params / in_out))
 
 
