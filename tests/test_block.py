@@ -372,3 +372,15 @@ def test_gradient_checkpointing_gives_the_same_block_gradients(use_dora):
 def test_the_block_is_an_nn_module_without_its_own_weight():
     block = make_block("llama")
     assert isinstance(block, nn.Module) and not hasattr(block.get_base_layer(), "weight")
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_block_adapters_take_the_output_projections_device_and_dtype(use_dora):
+    """A block has no weight of its own: its adapters follow its output projection, as a projection's follow its
+    weight, with every peft this package supports (peft 0.18 would leave them float32 on a float64 model)."""
+    model = get_peft_model(tiny_llama().to(torch.float64), CoMoEConfig(target_modules=["mlp"], r=2, num_experts=4,
+                                                                       top_k=2, use_dora=use_dora))
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    params = [p for block in blocks for name in block.adapter_layer_names for p in getattr(block, name).values()]
+    assert blocks and len(params) == len(blocks) * (7 if use_dora else 5)
+    assert all(p.dtype == torch.float64 for p in params)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -166,8 +167,30 @@ class Block(nn.Module, CoMoELayer):
         return projection_features(getattr(base, layout.inputs[0]))[0], projection_features(getattr(base, layout.output))[1]
 
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[Any, Any]:
-        """The adapters follow the block's output projection (peft asks the base layer, which has no weight here)."""
-        return super()._get_base_layer_device_and_dtype(getattr(base_layer, self.layout.output))
+        """The adapters follow the block's output projection, which has the weight the block lacks: its device and
+        dtype (a 4-bit layer's compute dtype), as peft reads them for a projection."""
+        output = getattr(base_layer, self.layout.output)
+        weight = getattr(output, "weight", None)
+        if weight is None:
+            return None, None
+        return weight.device, getattr(output, "compute_dtype", None) or weight.dtype
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
+        """Put `adapter_name`'s parameters on the output projection's device and, where it is a float, dtype. peft
+        0.19 and newer do this through `_get_base_layer_device_and_dtype`; peft 0.18 reads the block's own `weight`,
+        finds none and would move nothing (a float64 or bf16 model would keep float32 adapters)."""
+        if hasattr(BaseTunerLayer, "_get_base_layer_device_and_dtype"):
+            super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+            return
+        base_device, dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())
+        device = device if device is not None else base_device
+        if device is None:
+            return
+        dtype = dtype if dtype is not None and dtype.is_floating_point else None
+        for name in self.adapter_layer_names:
+            params = getattr(self, name)
+            if adapter_name in params and not params[adapter_name].is_meta:
+                params[adapter_name] = params[adapter_name].to(device, dtype=dtype)
 
     def update_layer(
         self,

@@ -63,7 +63,7 @@ def _projection_norms(block: Block, adapter_name: str) -> list[tuple[torch.Tenso
     num_experts = block.comoe_settings[adapter_name].num_experts
     scaling = block.scaling[adapter_name]
     inputs = len(block.layout.inputs)
-    creation_dtype = adapter_dtype(block)  # one for the whole block (its output projection's, see `Block`)
+    creation_dtype = adapter_dtype(block, adapter_name)  # one for the whole block's magnitudes
     downs = block.comoe_A[adapter_name].chunk(inputs, dim=0)  # n x (N*r, d), projection-major
     parts = [(getattr(base, name), downs[p], block.comoe_B[adapter_name][p], block.comoe_magnitude[adapter_name][p])
              for p, name in enumerate(block.layout.inputs)]
@@ -87,6 +87,7 @@ def block_scales(block: Block, adapter_name: str) -> BlockScales:
 def reset_block_magnitudes(block: Block, adapter_name: str) -> None:
     """m_p,j = ||W_p + s B_p,j A_p,j|| (= ||W_p|| when B = 0): every c starts at exactly 1. Call it once the adapter
     has the block's device and dtype, as `dora.reset_magnitude`."""
+    block.comoe_magnitude_dtype[adapter_name] = block.comoe_magnitude_out[adapter_name].dtype  # as dora.py's
     if block.comoe_magnitude[adapter_name].is_meta or block.comoe_A[adapter_name].is_meta:
         return  # loaded later (low_cpu_mem_usage)
     if any(base_weight(getattr(block.get_base_layer(), name)).is_meta

@@ -113,6 +113,7 @@ def reset_magnitude(layer: CoMoELayer, adapter_name: str) -> None:
     and moved to a float64 base afterwards would keep its float32 rounding and miss 1 by about 1e-8.
     """
     magnitude = layer.comoe_magnitude[adapter_name]
+    layer.comoe_magnitude_dtype[adapter_name] = magnitude.dtype  # peft may cast the adapter to float32 later
     if magnitude.is_meta or layer.comoe_A[adapter_name].is_meta or base_weight(layer.get_base_layer()).is_meta:
         return  # loaded later (low_cpu_mem_usage)
     magnitude.copy_(rounded_row_norms(layer, adapter_name))
@@ -127,16 +128,16 @@ def rounded_row_norms(layer: CoMoELayer, adapter_name: str) -> torch.Tensor:
     """
     norms = layer_row_norms(layer, adapter_name)  # (N, d_out) float32
     weight_dtype = base_weight(layer.get_base_layer()).dtype
-    return round_norms(norms, (weight_dtype, adapter_dtype(layer), layer.comoe_magnitude[adapter_name].dtype))
+    magnitude_dtype = layer.comoe_magnitude[adapter_name].dtype
+    return round_norms(norms, (weight_dtype, adapter_dtype(layer, adapter_name), magnitude_dtype))
 
 
-def adapter_dtype(layer: CoMoELayer) -> torch.dtype | None:
-    """The dtype peft gives a new adapter of `layer` (`_move_adapter_to_device_of_base_layer`), which the magnitudes
-    have when they are set: the base weight's, or a 4-bit layer's compute dtype; None where peft keeps the adapter's
-    own (an 8-bit layer's integer weight). peft may cast the adapter to float32 afterwards
-    (`autocast_adapter_dtype`)."""
-    _, dtype = layer._get_base_layer_device_and_dtype(layer.get_base_layer())
-    return dtype if dtype is not None and dtype.is_floating_point else None
+def adapter_dtype(layer: CoMoELayer, adapter_name: str) -> torch.dtype | None:
+    """The dtype the magnitudes of `adapter_name` had when they were set (`reset_magnitude`,
+    `block_dora.reset_block_magnitudes`): whatever peft gave the new adapter (the base weight's, a 4-bit layer's
+    compute dtype, or its own; it differs between peft versions), before peft may cast it to float32
+    (`autocast_adapter_dtype`). None when they were never set here (loaded onto the meta device)."""
+    return layer.comoe_magnitude_dtype.get(adapter_name)
 
 
 def round_norms(norms: torch.Tensor, dtypes: tuple[torch.dtype | None, ...]) -> torch.Tensor:

@@ -118,7 +118,8 @@ class CoMoELayer(BaseTunerLayer):
     """peft tuner-layer mixin holding every adapter's experts and router, keyed by adapter name."""
 
     adapter_layer_names: tuple[str, ...] = ("comoe_A", "comoe_B", "comoe_router", "comoe_magnitude")
-    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "comoe_dropout", "comoe_settings")
+    other_param_names: tuple[str, ...] = ("r", "lora_alpha", "scaling", "comoe_dropout", "comoe_settings",
+                                          "comoe_magnitude_dtype")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -131,6 +132,7 @@ class CoMoELayer(BaseTunerLayer):
         self.comoe_B = nn.ParameterDict({})  # (d_out, N*r): the experts' up-projections, side by side
         self.comoe_router = nn.ParameterDict({})  # (N, d_in): the router, bias-free
         self.comoe_magnitude = nn.ParameterDict({})  # (N, d_out): DoRA experts' magnitudes (use_dora only)
+        self.comoe_magnitude_dtype: dict[str, torch.dtype] = {}  # the magnitudes' dtype when they were set (dora.py)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.cast_input_dtype_enabled = True
