@@ -362,14 +362,14 @@ class Block(nn.Module, CoMoELayer):
         rank_acts = (experts_x @ down.t()).view(tokens.shape[0], len(self.layout.inputs), num_experts, r)
         pre = self._chosen_pre_activations(rank_acts, frozen_in, chosen, adapter_name, scales)  # each (T, S, f)
         hidden = self._hidden(pre)  # (T, S, f): the chosen experts' hidden activations
-        weights = gates.unsqueeze(-1).to(hidden.dtype)  # (T, k, 1)
-        gated = hidden[:, :k] * weights  # (T, k, f): w_s h_s
-        own_rank = self._own_output_rank_acts(dropout(gated), topk_idx, adapter_name)  # (T, k, N*r)
+        weights = gates.to(hidden.dtype)  # (T, k)
+        # A_out,e (w_s h_s) as w_s (A_out,e h_s): the gates applied in rank space, not at width f
+        own_rank = self._own_output_rank_acts(dropout(hidden[:, :k]), topk_idx, adapter_name, weights)  # (T, k, N*r)
         frozen_down = None
         if scales is None:
-            mix = gated.sum(dim=1)  # (T, f)
+            mix = (weights.unsqueeze(1) @ hidden[:, :k]).squeeze(1)  # (T, 1, k) @ (T, k, f) -> (T, f): sum_s w_s h_s
             if k == 1:  # y = MLP(x) + p (E(x) - MLP(x))
-                mix = mix + (1.0 - weights[:, 0]) * frozen_hidden
+                mix = mix + (1.0 - weights[:, :1]) * frozen_hidden
             extra = own_rank.sum(dim=1) @ self.comoe_B_out[adapter_name].t() * scaling  # (T, d)
         else:  # DoRA experts: k frozen down-projections, then each slot's own row scale
             mix = None
@@ -427,30 +427,36 @@ class Block(nn.Module, CoMoELayer):
         rank_acts: (T, n, N, r) every expert's rank-space activation; chosen: (T, S) expert indices. Each chosen
         slot keeps only its own expert's r activations (a one-hot mask), so one GEMM against the stacked B_p per
         projection gives every slot its own expert's delta without gathering weights per token."""
-        num_tokens, inputs, num_experts, r = rank_acts.shape
-        mask = torch.nn.functional.one_hot(chosen, num_experts).to(rank_acts.dtype)  # (T, S, N)
+        inputs, num_experts = rank_acts.shape[1:3]
+        # (T, S, N, 1): the scaling s on each slot's own expert, 0 elsewhere (scaling in rank space, not at width f)
+        mask = (torch.nn.functional.one_hot(chosen, num_experts).to(rank_acts.dtype)
+                * self.scaling[adapter_name]).unsqueeze(-1)
         pre = []
         for p in range(inputs):
-            own = rank_acts[:, p].unsqueeze(1) * mask.unsqueeze(-1)  # (T, S, N, r): zero off each slot's expert
-            delta = own.reshape(-1, num_experts * r) @ self.comoe_B[adapter_name][p].t()  # (T*S, f)
-            delta = delta.view(num_tokens, chosen.shape[1], -1) * self.scaling[adapter_name]  # (T, S, f)
-            pre.append(frozen_in[p].unsqueeze(1) + delta.to(frozen_in[p].dtype))
+            own = rank_acts[:, p].unsqueeze(1) * mask  # (T, S, N, r): s A_p,e x in its block, zero elsewhere
+            delta = own.flatten(2) @ self.comoe_B[adapter_name][p].t()  # (T, S, f)
+            frozen = frozen_in[p].unsqueeze(1)  # (T, 1, f)
+            # into the GEMM's own fresh output where the dtypes agree: one buffer of width f less per projection
+            pre.append(delta.add_(frozen) if delta.dtype == frozen.dtype else frozen + delta.to(frozen.dtype))
             if scales is not None:
                 bias = getattr(getattr(self.get_base_layer(), self.layout.inputs[p]), "bias", None)
                 bias = bias if isinstance(bias, torch.Tensor) else None
                 pre[p] = rescale_pre_activation(pre[p], bias, scales.inputs[p], chosen)
         return pre
 
-    def _own_output_rank_acts(self, hidden: torch.Tensor, chosen: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """A_out,e h for each slot's own expert e, in its block of the stacked rank space: (T, S, N*r), zero
-        elsewhere. hidden: (T, S, f); chosen: (T, S)."""
+    def _own_output_rank_acts(self, hidden: torch.Tensor, chosen: torch.Tensor, adapter_name: str,
+                              weights: torch.Tensor | None = None) -> torch.Tensor:
+        """A_out,e h for each slot's own expert e (times the slot's weight where given), in its block of the stacked
+        rank space: (T, S, N*r), zero elsewhere. hidden: (T, S, f); chosen and weights: (T, S)."""
         down_out = self.comoe_A_out[adapter_name]  # (N*r, f)
         num_experts = self.comoe_settings[adapter_name].num_experts
         num_tokens, slots, f = hidden.shape
         every = (_as_dtype(hidden, down_out.dtype).reshape(-1, f) @ down_out.t()).view(num_tokens, slots,
                                                                                         num_experts, -1)
-        mask = torch.nn.functional.one_hot(chosen, num_experts).to(every.dtype).unsqueeze(-1)  # (T, S, N, 1)
-        return (every * mask).flatten(2)  # (T, S, N*r)
+        mask = torch.nn.functional.one_hot(chosen, num_experts).to(every.dtype)  # (T, S, N)
+        if weights is not None:
+            mask = mask * weights.unsqueeze(-1).to(every.dtype)
+        return (every * mask.unsqueeze(-1)).flatten(2)  # (T, S, N*r)
 
     def _expert_representations(
         self,
