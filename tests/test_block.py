@@ -243,13 +243,19 @@ def test_an_unsupported_block_names_its_type_and_what_is_supported():
         get_peft_model(tiny_llama(), CoMoEConfig(target_modules=["self_attn"]))
 
 
-def test_block_experts_keep_the_peft_contract():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_block_experts_keep_the_peft_contract(use_dora):
+    """Disable, switch, mixed-adapter batches both ways, merge refused, delete, re-create and unload."""
     batch = token_batch()
     base = tiny_llama()
     with torch.no_grad():
         expected = base(**batch).logits
-    model = get_peft_model(copy.deepcopy(base), CoMoEConfig(target_modules=["mlp"], r=4, init_weights=False))
-    model.add_adapter("second", CoMoEConfig(target_modules=["mlp"], r=2, num_experts=3, init_weights=False))
+    model = get_peft_model(copy.deepcopy(base), CoMoEConfig(target_modules=["mlp"], r=4, init_weights=False,
+                                                            use_dora=use_dora))
+    model.add_adapter("second", CoMoEConfig(target_modules=["mlp"], r=2, num_experts=3, top_k=1,
+                                            contrastive_loss_coef=0.0, init_weights=False, use_dora=use_dora))
+    block = model.base_model.model.model.layers[0].mlp
+    assert set(block.comoe_magnitude_out) == ({"default", "second"} if use_dora else set())
     model.eval()
     with torch.no_grad():
         first = model(**batch).logits
@@ -259,12 +265,20 @@ def test_block_experts_keep_the_peft_contract():
         model.set_adapter("second")
         second = model(**batch).logits
         assert not torch.allclose(second, first)
-        mixed = model(**batch, adapter_names=["default", "__base__"]).logits
-        model.set_adapter("default")
-        torch.testing.assert_close(mixed[0], first[0])
+        mixed = model(**batch, adapter_names=["second", "__base__"]).logits
+        torch.testing.assert_close(mixed[0], second[0])
         torch.testing.assert_close(mixed[1], expected[1])
+        model.set_adapter("default")
+        mixed = model(**batch, adapter_names=["__base__", "default"]).logits
+        torch.testing.assert_close(mixed[0], expected[0])
+        torch.testing.assert_close(mixed[1], first[1])
     with pytest.raises(NotImplementedError, match="cannot be merged"):
         model.merge_and_unload()
+    model.delete_adapter("second")
+    assert set(block.comoe_A) == set(block.comoe_router) == {"default"}
+    assert set(block.comoe_magnitude) == set(block.comoe_magnitude_out) == ({"default"} if use_dora else set())
+    block.update_layer("default", r=4, lora_alpha=8, lora_dropout=0.0, settings=block.comoe_settings["default"])
+    assert not block.comoe_magnitude and not block.comoe_magnitude_out  # re-created without DoRA
     unloaded = model.unload()
     assert type(unloaded.model.layers[0].mlp).__name__ == "LlamaMLP"
     with torch.no_grad():
@@ -289,44 +303,6 @@ def test_rank_alpha_and_expert_patterns_apply_to_blocks(use_dora):
         assert torch.equal(scales.output, torch.ones_like(scales.output))
     else:
         assert not first.comoe_magnitude and not first.comoe_magnitude_out
-
-
-def test_dora_blocks_keep_the_peft_contract():
-    """Disable, switch, mixed-adapter batches, delete, re-create without DoRA and unload, with DoRA block experts."""
-    batch = token_batch()
-    base = tiny_llama()
-    with torch.no_grad():
-        expected = base(**batch).logits
-    model = get_peft_model(copy.deepcopy(base), CoMoEConfig(target_modules=["mlp"], r=4, init_weights=False,
-                                                            use_dora=True))
-    model.add_adapter("second", CoMoEConfig(target_modules=["mlp"], r=2, num_experts=3, top_k=1,
-                                            contrastive_loss_coef=0.0, init_weights=False, use_dora=True))
-    block = model.base_model.model.model.layers[0].mlp
-    assert set(block.comoe_magnitude_out) == {"default", "second"}
-    model.eval()
-    with torch.no_grad():
-        first = model(**batch).logits
-        assert not torch.allclose(first, expected)
-        with model.disable_adapter():
-            torch.testing.assert_close(model(**batch).logits, expected, atol=0, rtol=0)
-        model.set_adapter("second")
-        second = model(**batch).logits
-        assert not torch.allclose(second, first)
-        mixed = model(**batch, adapter_names=["second", "__base__"]).logits
-        torch.testing.assert_close(mixed[0], second[0])
-        torch.testing.assert_close(mixed[1], expected[1])
-        model.set_adapter("default")
-        mixed = model(**batch, adapter_names=["__base__", "default"]).logits
-        torch.testing.assert_close(mixed[0], expected[0])
-        torch.testing.assert_close(mixed[1], first[1])
-    model.delete_adapter("second")
-    assert set(block.comoe_magnitude) == set(block.comoe_magnitude_out) == {"default"}
-    block.update_layer("default", r=4, lora_alpha=8, lora_dropout=0.0, settings=block.comoe_settings["default"])
-    assert not block.comoe_magnitude and not block.comoe_magnitude_out
-    unloaded = model.unload()
-    assert type(unloaded.model.layers[0].mlp).__name__ == "LlamaMLP"
-    with torch.no_grad():
-        torch.testing.assert_close(unloaded(**batch).logits, expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
