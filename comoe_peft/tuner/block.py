@@ -363,11 +363,13 @@ class Block(nn.Module, CoMoELayer):
         pre = self._chosen_pre_activations(rank_acts, frozen_in, chosen, adapter_name, scales)  # each (T, S, f)
         hidden = self._hidden(pre)  # (T, S, f): the chosen experts' hidden activations
         weights = gates.to(hidden.dtype)  # (T, k)
+        # the active slots, sliced once and only when there are negatives (a slice's backward zero-fills its input)
+        active = hidden if hidden.shape[1] == k else hidden[:, :k]  # (T, k, f)
         # A_out,e (w_s h_s) as w_s (A_out,e h_s): the gates applied in rank space, not at width f
-        own_rank = self._own_output_rank_acts(dropout(hidden[:, :k]), topk_idx, adapter_name, weights)  # (T, k, N*r)
+        own_rank = self._own_output_rank_acts(dropout(active), topk_idx, adapter_name, weights)  # (T, k, N*r)
         frozen_down = None
         if scales is None:
-            mix = (weights.unsqueeze(1) @ hidden[:, :k]).squeeze(1)  # (T, 1, k) @ (T, k, f) -> (T, f): sum_s w_s h_s
+            mix = (weights.unsqueeze(1) @ active).squeeze(1)  # (T, 1, k) @ (T, k, f) -> (T, f): sum_s w_s h_s
             if k == 1:  # y = MLP(x) + p (E(x) - MLP(x))
                 mix = mix + (1.0 - weights[:, :1]) * frozen_hidden
             extra = own_rank.sum(dim=1) @ self.comoe_B_out[adapter_name].t() * scaling  # (T, d)
