@@ -318,22 +318,32 @@ def markdown(summary: dict[str, Any], sweeps: list[dict[str, Any]], args: argpar
     for multiplier, arm in (arms or {}).items():
         lines += arm_markdown(multiplier, arm)
     if sweeps:
-        lines += ["", "## CoMoE sweeps (seed 0)", "",
-                  "lambda = 0 is MoE-LoRA; the main CoMoE run of seed 0 is given as a reference row.", "",
-                  "Routing entropy and JS between tasks are the finished run's analysis (`comoe-peft analyze`); "
+        lines += ["", "## CoMoE sweeps and placements (seed 0)", "",
+                  "lambda = 0 is MoE-LoRA; the main CoMoE and MoE-LoRA runs of seed 0 are given as reference rows.",
+                  "", "Routing entropy and JS between tasks are the finished run's analysis (`comoe-peft analyze`); "
                   "the maximum entropy is log N.", "",
-                  "| run | lambda | tau | N | overall accuracy | held-out contrastive loss | mean pairwise cosine "
-                  "| routing entropy | JS between tasks |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| run | targets | lambda | tau | N | overall accuracy | held-out contrastive loss "
+                  "| mean pairwise cosine | routing entropy | JS between tasks |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sweep_rows(references or [], sweeps):
             spec = r.get("specialisation", {})
             cells = [f"{spec.get(key, float('nan')):.3f}" for key in
                      ("contrastive_loss", "mean_pairwise_cosine", "routing_entropy", "mean_js_between_tasks")]
-            lines.append(f"| {r['name']} | {r['lambda']:g} | {r['tau']:g} | {r['options'].get('num_experts')} | "
-                         f"{r['accuracy']['overall']['accuracy']:.3f} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['name']} | {targets_cell(r['options'])} | {r['lambda']:g} | {r['tau']:g} | "
+                         f"{r['options'].get('num_experts')} | {r['accuracy']['overall']['accuracy']:.3f} | "
+                         + " | ".join(cells) + " |")
     if images:
         lines += ["", "## Plots", ""] + [f"![{title}]({path})" for title, path in images.items()]
     return "\n".join(lines) + "\n"
+
+
+def targets_cell(options: dict[str, Any]) -> str:
+    """A run's adapted modules for the sweep table: `mlp`, `q k v o` (the `_proj` suffix dropped); `default` for a
+    run stored before its options recorded the job's default targets."""
+    targets = options.get("target_modules")
+    if not targets:
+        return "default"
+    return " ".join(name.removesuffix("_proj") for name in ([targets] if isinstance(targets, str) else targets))
 
 
 def arm_markdown(multiplier: str, arm: dict[str, Any]) -> list[str]:

@@ -159,7 +159,8 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
     model_dir = tiny_model_folder(tmp_path / "tiny-model")
     quality = load_quality()
     report = quality.main(["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--max-steps", "2",
-                           "--lambdas", "0.1", "--routing-points", "2", "--router-lr-multipliers", "10"])
+                           "--lambdas", "0.1", "--routing-points", "2", "--router-lr-multipliers", "10",
+                           "--placement-pair", "q_proj", "v_proj"])
     summary = report["summary"]
     assert set(summary["accuracy"]) == {"base", "comoe", "moe", "lora"}
     assert {r["method"] for r in report["results"]} == {"base", "comoe", "moe", "lora"}
@@ -169,15 +170,18 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
     overall = summary["paired_comoe_minus_moe"]["overall"]
     assert len(overall["per_seed"]) == 2 and overall["n"] == 2
     assert "comoe" in summary["specialisation"] and "moe" in summary["specialisation"]
-    assert [r["name"] for r in report["sweeps"]] == ["comoe-lambda0.1"]
+    assert [r["name"] for r in report["sweeps"]] == ["comoe-lambda0.1", "comoe-2proj-s0", "moe-2proj-s0"]
+    assert {tuple(r["options"]["target_modules"]) for r in report["sweeps"][1:]} == {("q_proj", "v_proj")}
+    assert report["sweeps"][2]["overrides"] == {"target_modules": ["q_proj", "v_proj"]}
     routing = summary["routing_over_training"]
     assert set(routing) == {"comoe", "moe"} and routing["comoe"]["steps"] == [1, 2]
     assert routing["moe"]["routing_entropy"][-1]["n"] == 2, "one routing history per seed"
     text = (tmp_path / "q" / "quality.md").read_text()
     assert "Paired difference" in text and "synthetic:parity" in text and "Specialisation: base" not in text
     assert "| task | base | comoe | moe | lora |" in text
-    assert "| moe-s0 | 0 | " in text and "| comoe-lambda0.1 | 0.1 | " in text, "the sweep table has its reference rows"
-    sweep_line = next(line for line in text.splitlines() if line.startswith("| comoe-lambda0.1 | 0.1 | "))
+    assert "| moe-s0 | q k v o | 0 | " in text and "| comoe-lambda0.1 | q k v o | 0.1 | " in text, "reference rows"
+    assert "| moe-2proj-s0 | q v | 0 | " in text, "the placement pair's rows name their modules"
+    sweep_line = next(line for line in text.splitlines() if line.startswith("| comoe-lambda0.1 | q k v o | 0.1 | "))
     spec = report["sweeps"][0]["specialisation"]
     assert sweep_line.endswith(f"| {spec['routing_entropy']:.3f} | {spec['mean_js_between_tasks']:.3f} |")
     pilot = summary["pilot"]
@@ -192,17 +196,18 @@ def test_quality_quick_reports_methods_seeds_and_the_paired_difference(tmp_path)
 
     # a fresh checkout has the committed results but no run folders: the study takes the results, trains nothing
     argv = ["--quick", "--model", str(model_dir), "--out-dir", str(tmp_path / "q"), "--max-steps", "2",
-            "--lambdas", "0.1", "--routing-points", "2", "--router-lr-multipliers", "10"]
+            "--lambdas", "0.1", "--routing-points", "2", "--router-lr-multipliers", "10",
+            "--placement-pair", "q_proj", "v_proj"]
     shutil.rmtree(tmp_path / "q" / "runs")
     again = quality.main(argv)
     assert not (tmp_path / "q" / "runs").exists(), "nothing was trained again"
     assert again["summary"]["accuracy"] == summary["accuracy"] and len(again["results"]) == len(report["results"])
     with pytest.raises(SystemExit, match="other settings.*max_steps"):
-        quality.main([*argv[:-6], "--max-steps", "3"])
+        quality.main([*argv[:-9], "--max-steps", "3"])
     # every finished run's small results are written beside the report, apart from the (git-ignored) run folders
     stored = json.loads((tmp_path / "q" / "results" / "comoe-s1.json").read_text())
     assert stored["accuracy"] == next(r for r in report["results"] if r["name"] == "comoe-s1")["accuracy"]
-    assert len(list((tmp_path / "q" / "results").glob("*.json"))) == 13
+    assert len(list((tmp_path / "q" / "results").glob("*.json"))) == 15
     arm = report["router_lr_arms"]["10"]
     assert sorted(r["name"] for r in arm["results"]) == ["comoe-rlr10-s0", "comoe-rlr10-s1", "moe-rlr10-s0",
                                                           "moe-rlr10-s1"]

@@ -31,8 +31,10 @@ import quality  # noqa: E402
 PAGE = ROOT / "docs" / "benchmarks.md"
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
-MAIN, FIRST_PASS = "quality_v2_600", "quality_v2"
-SECTIONS = {MAIN: "#### The main study: 600 steps", FIRST_PASS: "#### The first pass: 300 steps"}
+MAIN, FIRST_PASS, SECOND = "quality_v2_600", "quality_v2", "quality_mlp"
+SECTIONS = {MAIN: "#### The main study: 600 steps", FIRST_PASS: "#### The first pass: 300 steps",
+            SECOND: "### The second study: FFN-block experts"}
+UNDER_WAY = {SECOND}  # studies whose page gives the runs finished so far: their report leaves out the others
 
 ARITHMETIC, EPISTEMIC, SENTIMENT, NAVIGATE, SPORTS = (
     "bigbench:arithmetic/3_digit_addition", "bigbench:epistemic_reasoning", "bigbench:multiemo/all_sentence_en",
@@ -93,8 +95,10 @@ class Study:
 
 def sweep_names(args: argparse.Namespace) -> list[str]:
     """The sweep runs of a `quality.py` command, named as `quality.main` names them."""
+    placement = getattr(args, "placement_pair", None) or []
     return ([f"comoe-lambda{v:g}" for v in args.lambdas] + [f"comoe-tau{v:g}" for v in args.temperatures]
-            + [f"comoe-n{v}" for v in args.num_experts_sweep])
+            + [f"comoe-n{v}" for v in args.num_experts_sweep]
+            + ([f"{m}-{len(placement)}proj-s0" for m in ("comoe", "moe")] if placement else []))
 
 
 def runs_made(args: argparse.Namespace) -> set[str]:
@@ -112,8 +116,9 @@ def study(folder: str) -> Study:
     stored = (json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / "results").glob("*.json")))
     runs = {r["name"]: r for r in stored}
     main = [runs[name] for s in args.seeds for m in args.methods if (name := f"{m}-s{s}") in runs]
-    references = [r for r in main if r["seed"] == 0 and r["method"] in quality.EXPERT_METHODS]
-    sweeps = quality.sweep_rows(references, [runs[name] for name in sweep_names(args)])
+    swept = [runs[name] for name in sweep_names(args) if name in runs or folder not in UNDER_WAY]
+    references = [r for r in main if r["seed"] == 0 and r["method"] in quality.EXPERT_METHODS] if swept else []
+    sweeps = quality.sweep_rows(references, swept)
     return Study(args, report, runs, main, quality.summarise(main, args.methods), sweeps)
 
 
@@ -210,8 +215,20 @@ def test_the_reports_are_rebuilt_from_the_committed_results():
     for folder in SECTIONS:
         s = study(folder)
         assert [r["name"] for r in s.report["results"]] == [r["name"] for r in s.main], folder
-        assert [r["name"] for r in s.report["sweeps"]] == sweep_names(s.args), folder
+        finished = [n for n in sweep_names(s.args) if n in s.runs or folder not in UNDER_WAY]
+        assert [r["name"] for r in s.report["sweeps"]] == finished, folder
         assert same(s.report["summary"], s.summary), f"{folder}/quality.json is not its results' summary"
+
+
+def spread(cell: dict) -> list[float]:
+    """A `mean ± std` cell's figures; a cell of one seed prints `mean (1 seed)`."""
+    return [cell["mean"], cell["std"]] if cell["n"] > 1 else [cell["mean"], 1]
+
+
+def seeds_in(label: str) -> list[int] | None:
+    """The seeds a column heading names, `(seed 0)` or `(seeds 0, 1, 2)`; None if it names none."""
+    found = re.search(r"\(seeds? ([\d, ]+)\)", label)
+    return [int(seed) for seed in found.group(1).split(",")] if found else None
 
 
 @pytest.mark.parametrize("folder", SECTIONS)
@@ -219,15 +236,22 @@ def test_accuracy_tables(folder):
     s, figures = study(folder), Figures()
     accuracy = table(section(folder), "task", "base")
     assert [task_of(row["task"]) for row in accuracy.rows] == s.summary["tasks"]
+    assert sorted(map(method_of, accuracy.header[1:])) == sorted(s.summary["accuracy"]), "a column per method"
+    for column in accuracy.header[1:]:
+        named = seeds_in(column)
+        assert named == s.seeds(method_of(column)) or (named is None and folder not in UNDER_WAY), column
     for row, column in itertools.product(accuracy.rows, accuracy.header[1:]):
         cell = s.summary["accuracy"][method_of(column)][task_of(row["task"])]
-        figures.check(f"{folder}: {row['task']}, {column}", row[column], [cell["mean"], cell["std"]])
+        figures.check(f"{folder}: {row['task']}, {column}", row[column], spread(cell))
     figures.assert_current()
 
 
 @pytest.mark.parametrize("folder", SECTIONS)
 def test_paired_difference_tables(folder):
     s, figures = study(folder), Figures()
+    if len(s.summary["paired_comoe_minus_moe"].get("overall", {}).get("per_seed", [])) < 2:
+        assert "95% CI |" not in section(folder), "an interval needs two paired seeds"
+        return
     paired = table(section(folder), "task", "mean", "95% CI")
     seeds_column = paired.header[3]
     paired_seeds = sorted(set(s.seeds("comoe")) & set(s.seeds("moe")))
@@ -249,7 +273,7 @@ def test_routing_tables(folder):
         history = s.summary["routing_over_training"][method_of(method)]
         assert [int(c.split()[1]) for c in routing.header[1:]] == history["steps"]
         for column, cell in zip(routing.header[1:], history[METRICS[metric]]):
-            figures.check(f"{folder}: {row['method']}, {column}", row[column], [cell["mean"], cell["std"]])
+            figures.check(f"{folder}: {row['method']}, {column}", row[column], spread(cell))
     assert len(routing.rows) == 2 * len(s.summary["routing_over_training"])
     figures.assert_current()
 
@@ -257,6 +281,9 @@ def test_routing_tables(folder):
 @pytest.mark.parametrize("folder", SECTIONS)
 def test_lambda_and_n_tables(folder):
     s, figures = study(folder), Figures()
+    if not s.sweeps:
+        assert not [t for t in tables(section(folder)) if t.header[:2] == ["run", "arithmetic"]]
+        return
     sweep = table(section(folder), "run", "arithmetic")
     assert len(sweep.rows) == len(s.sweeps)
     for row in sweep.rows:
@@ -317,9 +344,11 @@ def test_the_commands_make_the_committed_runs_and_rebuild_the_reports():
         rebuild = [{k: v for k, v in vars(args).items() if k in stored or v is not None}
                    for args in mine if args.report_only]
         assert rebuild == [s.report["args"]], f"the page's --report-only command for {folder} is not the report's"
+        made = set().union(*(runs_made(args) for args in mine if not args.report_only))
         if folder == MAIN:  # the first pass's commands were stopped and restarted; the page says which made what
-            made = set().union(*(runs_made(args) for args in mine if not args.report_only))
             assert made == set(s.runs), f"the commands make these and the results differ: {sorted(made ^ set(s.runs))}"
+        elif folder in UNDER_WAY:  # the commands make every finished run, and more to come
+            assert made >= set(s.runs), f"no command on the page makes {sorted(set(s.runs) - made)}"
 
 
 # ------------------------------------------------------------------------------------------------ sentences
@@ -458,10 +487,60 @@ def page_figures(s: Study, f: Study) -> list[tuple[str, list]]:
     ]
 
 
-@pytest.mark.parametrize("path, figures_of", [(README, readme_figures), (PAGE, page_figures)], ids=["README", "page"])
-def test_sentence_figures(path, figures_of):
+def trained_runs(m: Study) -> int:
+    """The second study's finished trained runs (every run but the zero-shot base rows)."""
+    return sum(r["method"] != "base" for r in m.runs.values())
+
+
+def lora_gains(m: Study, tasks: tuple[str, ...]) -> list[float]:
+    """LoRA - base per seed of LoRA and task."""
+    return [m.accuracy(f"lora-s{i}", t) - m.accuracy(f"base-s{i}", t) for i in m.seeds("lora") for t in tasks]
+
+
+def second_readme_figures(m: Study, s: Study) -> list[tuple[str, list]]:
+    """README.md's sentences on the second study `m` (FFN-block experts), against the main study `s`."""
+    return [
+        ("under way: # of its # runs so far", [trained_runs(m), 11]),
+        ("LoRA on the MLP learns the same three tasks (# over # seeds)", [m.mean("lora"), len(m.seeds("lora"))]),
+        ("block CoMoE on seed 0 reaches # (LoRA # on that seed)", [m.accuracy("comoe-s0"), m.accuracy("lora-s0")]),
+        ("as near uniform as in the per-linear layout (# log N", [m.final_routing("comoe", "routing_entropy") / math.log(4)]),
+    ]
+
+
+def second_page_figures(m: Study, s: Study) -> list[tuple[str, list]]:
+    """docs/benchmarks.md's sentences on the second study `m` (FFN-block experts), against the main study `s`."""
+    history = [e["mean_js_between_tasks"] for e in m.runs["comoe-s0"]["routing_history"]]
+    epistemic = lora_gains(m, (EPISTEMIC,))
+    return [
+        ("**Under way: # of the # runs have finished**", [trained_runs(m), 11]),
+        ("(# M trainable parameters against the block `comoe`'s # M)",
+         [m.runs["lora-s0"]["trainable_parameters"] / 1e6, m.runs["comoe-s0"]["trainable_parameters"] / 1e6]),
+        ("(LoRA - base at least # on each), and epistemic reasoning on # of the # seeds",
+         [min(lora_gains(m, (ARITHMETIC, SENTIMENT, NAVIGATE))),
+          sum(g >= quality.PILOT_MARGIN for g in epistemic), len(epistemic)]),
+        ("as with LoRA on the attention projections (#, # seeds)", [s.mean("lora"), len(s.seeds("lora"))]),
+        ("Block `comoe`, seed 0: #, # points below LoRA on the same seed and level with the per-linear `comoe` on the "
+         "attention projections of the main study (# on seed 0)",
+         [m.accuracy("comoe-s0"), 100 * (m.accuracy("lora-s0") - m.accuracy("comoe-s0")), s.accuracy("comoe-s0")]),
+        ("entropy # log N at the end, JS between the tasks' expert loads # to # over the measured steps (the "
+         "per-linear layout: #)",
+         [m.final_routing("comoe", "routing_entropy") / math.log(4), min(history), max(history),
+          s.final_routing("comoe", "mean_js_between_tasks")]),
+        ("The trained runs so far took # h of CPU (the report's total)", [m.report["train_cpu_time_s"] / 3600]),
+    ]
+
+
+SENTENCES = {"README": (README, lambda: readme_figures(study(MAIN), study(FIRST_PASS))),
+             "page": (PAGE, lambda: page_figures(study(MAIN), study(FIRST_PASS))),
+             "README, second study": (README, lambda: second_readme_figures(study(SECOND), study(MAIN))),
+             "page, second study": (PAGE, lambda: second_page_figures(study(SECOND), study(MAIN)))}
+
+
+@pytest.mark.parametrize("name", SENTENCES)
+def test_sentence_figures(name):
+    path, figures_of = SENTENCES[name]
     text, figures = words(path), Figures()
-    for fragment, values in figures_of(study(MAIN), study(FIRST_PASS)):
+    for fragment, values in figures_of():
         if (printed := sentence(text, fragment)) is None:
             figures.stale.append(f"not on the page (its sentence changed? update it here): {fragment}")
         else:
