@@ -502,30 +502,45 @@ def second_readme_figures(m: Study, s: Study) -> list[tuple[str, list]]:
     return [
         ("under way: # of its # runs so far", [trained_runs(m), 11]),
         ("LoRA on the MLP learns the same three tasks (# over # seeds)", [m.mean("lora"), len(m.seeds("lora"))]),
-        ("block CoMoE on seed 0 reaches # (LoRA # on that seed)", [m.accuracy("comoe-s0"), m.accuracy("lora-s0")]),
-        ("as near uniform as in the per-linear layout (# log N", [m.final_routing("comoe", "routing_entropy") / math.log(4)]),
+        ("on seed 0, block CoMoE # and block MoE-LoRA # (LoRA #)",
+         [m.accuracy("comoe-s0"), m.accuracy("moe-s0"), m.accuracy("lora-s0")]),
+        ("as near uniform as in the per-linear layout (# log N",
+         [[m.final_routing(e, "routing_entropy") / math.log(4) for e in EXPERTS]]),
     ]
 
 
 def second_page_figures(m: Study, s: Study) -> list[tuple[str, list]]:
     """docs/benchmarks.md's sentences on the second study `m` (FFN-block experts), against the main study `s`."""
-    history = [e["mean_js_between_tasks"] for e in m.runs["comoe-s0"]["routing_history"]]
+    js = {e: [h["mean_js_between_tasks"] for h in m.runs[f"{e}-s0"]["routing_history"]] for e in EXPERTS}
     epistemic = lora_gains(m, (EPISTEMIC,))
+    paired = m.summary["paired_comoe_minus_moe"]
+    spec = {e: m.runs[f"{e}-s0"]["specialisation"] for e in EXPERTS}
+    hours = {name: run["train_cpu_time_s"] / 3600 for name, run in m.runs.items() if run["method"] != "base"}
     return [
         ("**Under way: # of the # runs have finished**", [trained_runs(m), 11]),
-        ("(# M trainable parameters against the block `comoe`'s # M)",
-         [m.runs["lora-s0"]["trainable_parameters"] / 1e6, m.runs["comoe-s0"]["trainable_parameters"] / 1e6]),
+        ("(# M trainable parameters against the block experts' # M)",
+         [m.runs["lora-s0"]["trainable_parameters"] / 1e6,
+          [m.runs[f"{e}-s0"]["trainable_parameters"] / 1e6 for e in EXPERTS]]),
         ("(LoRA - base at least # on each), and epistemic reasoning on # of the # seeds",
          [min(lora_gains(m, (ARITHMETIC, SENTIMENT, NAVIGATE))),
           sum(g >= quality.PILOT_MARGIN for g in epistemic), len(epistemic)]),
         ("as with LoRA on the attention projections (#, # seeds)", [s.mean("lora"), len(s.seeds("lora"))]),
-        ("Block `comoe`, seed 0: #, # points below LoRA on the same seed and level with the per-linear `comoe` on the "
-         "attention projections of the main study (# on seed 0)",
-         [m.accuracy("comoe-s0"), 100 * (m.accuracy("lora-s0") - m.accuracy("comoe-s0")), s.accuracy("comoe-s0")]),
-        ("entropy # log N at the end, JS between the tasks' expert loads # to # over the measured steps (the "
-         "per-linear layout: #)",
-         [m.final_routing("comoe", "routing_entropy") / math.log(4), min(history), max(history),
-          s.final_routing("comoe", "mean_js_between_tasks")]),
+        ("**CoMoE against MoE-LoRA on blocks, seed 0 only: #** overall (# against #), most of it on arithmetic (#)",
+         [paired["overall"]["mean"], m.accuracy("comoe-s0"), m.accuracy("moe-s0"), paired[ARITHMETIC]["mean"]]),
+        ("per-linear seeds differed by # to #", [min(s.summary["paired_comoe_minus_moe"]["overall"]["per_seed"]),
+                                                 max(s.summary["paired_comoe_minus_moe"]["overall"]["per_seed"])]),
+        ("on seed 0 (CoMoE #, MoE-LoRA #) and below LoRA on the MLP on that seed (#)",
+         [s.accuracy("comoe-s0"), s.accuracy("moe-s0"), m.accuracy("lora-s0")]),
+        ("entropy # log N for both at the end; JS between the tasks' expert loads # to # over the measured steps for "
+         "CoMoE and # to # for MoE-LoRA (the per-linear layout: #)",
+         [[m.runs[f"{e}-s0"]["routing_history"][-1]["routing_entropy"] / math.log(4) for e in EXPERTS]]
+         + [g(js[e]) for e in EXPERTS for g in (min, max)] + [s.final_routing("comoe", "mean_js_between_tasks")]),
+        ("(mean pairwise cosine # against #, held-out contrastive loss # against #)",
+         [spec[e][k] for k in ("mean_pairwise_cosine", "contrastive_loss") for e in EXPERTS]),
+        ("training took # h of CPU for block CoMoE and # h for block MoE-LoRA (LoRA #, # and # h)",
+         [hours["comoe-s0"], hours["moe-s0"], *(hours[f"lora-s{i}"] for i in m.seeds("lora"))]),
+        ("(per-linear, in the main study: #x on average)",
+         [s.summary["train_cpu_time_s"]["comoe"] / s.summary["train_cpu_time_s"]["moe"]]),
         ("The trained runs so far took # h of CPU (the report's total)", [m.report["train_cpu_time_s"] / 3600]),
     ]
 
