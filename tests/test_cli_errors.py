@@ -119,6 +119,30 @@ def test_a_damaged_run_file_is_named_with_what_to_do(tmp_path, capsys, finished_
 # ---------------------------------------------------------------------------------------------- Ctrl-C
 
 
+def test_a_run_another_process_is_writing_is_refused_and_a_dead_ones_lock_is_not(tmp_path, capsys, tiny_model_dir,
+                                                                               examples_file):
+    """Two study processes (or terminals) on one run folder: the second stops at once and names the first's pid; a
+    lock file left by a killed process holds nothing back."""
+    runs = tmp_path / "runs"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom comoe_peft.experiments.runs import lock_run\n"
+         f"with lock_run({str(runs / 'run')!r}):\n    print('locked', flush=True)\n    time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = quick_args(tiny_model_dir, examples_file, runs / "run", "--save-steps", "2")
+        code = main(args)
+        line = one_line(capsys)
+        assert code == 2 and f"is being written by another process (pid {holder.pid})" in line and "--output-dir" in line
+        assert [p.name for p in runs.iterdir()] == [".run.lock"], "no partial folder, no run"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (runs / ".run.lock").is_file(), "killed while holding it: the file stays, the lock does not"
+    assert main(args) == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["run"], "the finished run, its lock file removed"
+
+
 def test_ctrl_c_without_checkpoints_says_nothing_was_kept(tmp_path, capsys, monkeypatch, tiny_model_dir,
                                                           examples_file):
     from comoe_peft.training.trainer import CoMoESFTTrainer

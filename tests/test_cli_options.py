@@ -323,6 +323,22 @@ def test_an_unfinished_run_with_other_settings_is_named_without_python_none(tmp_
     assert partial_dir(tmp_path / "run").is_dir()
 
 
+def test_one_run_folder_is_written_by_one_process_at_a_time(tmp_path):
+    from comoe_peft.experiments.runs import RunError, lock_path, lock_run
+
+    run = tmp_path / "new" / "run"
+    with lock_run(run):  # creates the folders above the run
+        assert lock_path(run).read_text() == str(os.getpid())
+        with pytest.raises(RunError, match=rf"'{run}' is being written by another process \(pid {os.getpid()}\)"):
+            with lock_run(run):
+                pass
+        with lock_run(tmp_path / "new" / "other"):  # another run beside it is not held back
+            pass
+    assert list((tmp_path / "new").iterdir()) == [], "the lock files are removed"
+    with lock_run(run):  # released
+        pass
+
+
 def test_a_base_run_from_python_may_say_zero_steps():
     options = jobs.TrainOptions(output_dir="x", method="base", max_steps=0, preset="quick").resolved()
     assert options.max_steps == 0

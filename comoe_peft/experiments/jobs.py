@@ -55,6 +55,7 @@ from .runs import (
     damaged_file_error,
     finish_run,
     last_checkpoint,
+    lock_run,
     missing_parents,
     open_run,
     remove_empty_folders,
@@ -324,16 +325,23 @@ def train(options: TrainOptions) -> Path:
     same options after a stop, resumes from its last checkpoint (`comoe_peft.experiments.runs.start_resumable_run`).
     """
     options = options.resolved()
-    resumable = options.save_steps is not None
     new_folders = missing_parents(options.output_dir)  # removed again if the run fails and leaves them empty
     try:
-        if resumable:
-            staging = start_resumable_run(options.output_dir, options.overwrite, dataclasses.asdict(options))
-        else:
-            staging = start_run(options.output_dir, options.overwrite)
+        with lock_run(options.output_dir):  # a second process writing the same run is refused
+            return _train_locked(options)
     except BaseException:
-        remove_empty_folders(new_folders)
+        remove_empty_folders(new_folders)  # now that the lock file beside the run is gone
         raise
+
+
+def _train_locked(options: TrainOptions) -> Path:
+    """`train` once it holds the run's lock: stage, train (or write the base run) and move the run into place; a
+    failed run leaves nothing but a checkpointed run's partial folder."""
+    resumable = options.save_steps is not None
+    if resumable:
+        staging = start_resumable_run(options.output_dir, options.overwrite, dataclasses.asdict(options))
+    else:
+        staging = start_run(options.output_dir, options.overwrite)
     try:
         mixture = load_mixture(options)  # data errors first: they are cheaper to find than a model load
         try:
@@ -351,7 +359,6 @@ def train(options: TrainOptions) -> Path:
         kept = last_checkpoint(staging) if resumable else None
         if not kept:  # a checkpointed run keeps its partial folder
             shutil.rmtree(staging, ignore_errors=True)
-        remove_empty_folders(new_folders)
         if isinstance(error, KeyboardInterrupt):
             raise RunInterrupted(interrupted_message(options, str(error), kept, staging)) from None
         raise

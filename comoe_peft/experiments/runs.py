@@ -18,16 +18,27 @@ A run folder holds what one `comoe-peft train` produced and what `eval` and `ana
 A run trained with checkpoints (`--save-steps`) is built in `.RUN.partial/` beside `RUN` instead of a temporary
 folder: it holds the options it was started with and TRL's checkpoints, survives a stop, and the same command
 started again resumes from its last checkpoint (`start_resumable_run`).
+
+While `train` writes a run, it holds an exclusive lock on `.RUN.lock` beside it (`lock_run`; removed when the run
+ends, released by the system if the process dies): a second `train` into the same folder (two terminals, two
+study processes on two cores) is refused with the first one's pid instead of both writing one partial folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, runs are not guarded against a second writer there
+    fcntl = None
 
 from comoe_peft.tuner.files import default_permissions, write_json_atomic
 
@@ -98,6 +109,43 @@ def remove_empty_folders(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+def lock_path(output_dir: str | os.PathLike) -> Path:
+    """The lock file of a run being written: `.NAME.lock` beside the run folder `NAME`."""
+    target = Path(output_dir).expanduser().resolve()
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def lock_run(output_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the run `output_dir` while it is written; a `RunError` naming the holder's pid if
+    another process holds it. Creates the folders above the run; the lock file is removed on leaving."""
+    target, path = Path(output_dir).expanduser().resolve(), lock_path(output_dir)
+    if fcntl is None:
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+    except OSError as error:
+        raise RunError(f"cannot write the output folder '{target}': {error.strerror or error}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunError(f"'{target}' is being written by another process (pid {holder}); wait for it to finish, "
+                           "or choose another --output-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still locked: a waiting start then makes a fresh file
 
 
 def partial_dir(output_dir: str | os.PathLike) -> Path:
