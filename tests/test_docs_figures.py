@@ -660,12 +660,17 @@ def test_lora_against_the_expert_methods_seed_by_seed():
         assert claim in page, f"the page does not say what the results give: {claim}"
 
 
+def assert_no_direction(paired: dict) -> None:
+    """No task's (nor the overall) paired interval excludes 0, and every one's per-seed differences change sign."""
+    for task, d in paired.items():
+        assert abs(d["mean"]) <= d["ci95"], task
+        assert min(d["per_seed"]) < 0 < max(d["per_seed"]), task
+
+
 def test_the_paired_difference_has_no_direction():
     """The page: no task's interval excludes 0, the per-seed differences change sign on every task; at 300 steps
     CoMoE was lower on arithmetic on every seed, at 600 it is not."""
-    for task, d in study(MAIN).summary["paired_comoe_minus_moe"].items():
-        assert abs(d["mean"]) <= d["ci95"], task
-        assert min(d["per_seed"]) < 0 < max(d["per_seed"]), task
+    assert_no_direction(study(MAIN).summary["paired_comoe_minus_moe"])
     assert max(study(FIRST_PASS).summary["paired_comoe_minus_moe"][ARITHMETIC]["per_seed"]) < 0
 
 
@@ -674,11 +679,8 @@ def test_block_comoe_against_moe_lora_task_by_task():
     sign with the seed, and no task's interval excludes 0."""
     paired = study(SECOND).summary["paired_comoe_minus_moe"]
     assert paired["overall"]["n"] == 5
-    for task, d in paired.items():
-        assert abs(d["mean"]) <= d["ci95"], task
-        if task != "overall":
-            assert min(d["per_seed"]) < 0 < max(d["per_seed"]), task
-    assert ("every task's difference changes sign with the seed and no task's interval excludes 0") in words(PAGE)
+    assert_no_direction(paired)
+    assert "every task's difference changes sign with the seed and no task's interval excludes 0" in words(PAGE)
 
 
 # ---------------------------------------------------------------------------------------------- the main job's times
